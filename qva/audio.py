@@ -1,0 +1,210 @@
+"""Whisper's audio front end: load any audio as 16 kHz mono, and turn it into log-mel windows.
+
+`log_mel` reproduces `transformers.WhisperFeatureExtractor` (and OpenAI's `log_mel_spectrogram`):
+the waveform is cut into 30 s windows, each zero-padded to 480 000 samples, then
+STFT (n_fft 400, hop 160, periodic Hann, centred with reflect padding) → |X|² without the last frame
+→ Slaney mel filters → log10(max(·, 1e-10)) → floor at (window max − 8) → (x + 4) / 4.
+
+Valid frames. The reference extractor's attention mask marks ceil(n / 160) frames of a clip of n
+samples as real, while only n // 160 hops fit entirely inside it: the two differ by one whenever n is
+not a multiple of 160. We report ceil(n / 160), deliberately: frame i is centred on sample 160·i, so
+every frame whose centre lies on real audio counts, the last partial hop is not dropped, and the count
+agrees with the mask models trained on the reference extractor have seen.
+
+Run `python -m qva.audio FILE [--whisper DIR]` to print the encoder output shape and timings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .resample import resample
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SECONDS = 30
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480 000 samples per window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: the message says which input and why."""
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def load_audio(source, sampling_rate: int | None = None) -> torch.Tensor:
+    """1-D float32 mono waveform at 16 kHz from a path, or from an array sampled at `sampling_rate`.
+
+    Arrays may be numpy or torch, `[samples]`, `[samples, channels]` or `[channels, samples]` (the
+    shorter axis, if at most 8 long, is taken as channels); integer PCM is scaled to [-1, 1).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        data, rate = _read_file(Path(source))
+        name = str(source)
+    else:
+        if sampling_rate is None:
+            raise AudioError("load_audio: an array needs its sampling_rate (e.g. load_audio(x, sampling_rate=44100))")
+        data, rate, name = source, int(sampling_rate), "audio array"
+    wave = _to_mono_float(data, name)
+    if wave.numel() == 0:
+        raise AudioError(f"{name}: audio is empty (0 samples)")
+    if not torch.isfinite(wave).all():
+        bad = int((~torch.isfinite(wave)).sum())
+        raise AudioError(f"{name}: audio has {bad} NaN/inf sample(s)")
+    if rate != SAMPLE_RATE:
+        wave = resample(wave.double(), rate, SAMPLE_RATE).float()
+    return wave.contiguous()
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
+    except Exception as e:  # libsndfile reports unreadable and non-audio files alike
+        raise AudioError(f"{path}: cannot read as audio ({type(e).__name__}: {e})") from None
+    return data, rate
+
+
+def _to_mono_float(data, name: str) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise AudioError(f"{name}: expected real audio samples, got dtype {x.dtype}")
+    if not x.is_floating_point():
+        info = torch.iinfo(x.dtype)
+        x = x.double() / (-info.min if info.min < 0 else (info.max + 1) / 2)
+        if info.min == 0:  # unsigned PCM is centred on half range
+            x = x - 1.0
+    x = x.float()
+    if x.dim() == 2:
+        channel_axis = 0 if x.shape[0] <= 8 and x.shape[0] < x.shape[1] else 1
+        if x.shape[channel_axis] > 8:
+            raise AudioError(f"{name}: cannot tell channels from samples in shape {tuple(x.shape)}")
+        x = x.mean(dim=channel_axis)
+    elif x.dim() != 1:
+        raise AudioError(f"{name}: expected a 1-D or 2-D waveform, got shape {tuple(x.shape)}")
+    return x
+
+
+# -- mel filters ------------------------------------------------------------------------------------
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear below 1 kHz (3 mels / 200 Hz), logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    mel = f * 3.0 / 200.0
+    log_region = f >= 1000.0
+    return np.where(log_region, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * 27.0 / np.log(6.4), mel)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), m * 200.0 / 3.0)
+
+
+@lru_cache(maxsize=8)
+def mel_filters(n_mels: int, n_fft: int = N_FFT, sampling_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Slaney-scale, Slaney-normalised triangular filters `[n_mels, n_fft // 2 + 1]` over 0 – sr/2 Hz."""
+    fft_freqs = np.linspace(0.0, sampling_rate / 2, n_fft // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sampling_rate / 2), n_mels + 2))  # [n_mels + 2]
+    widths = np.diff(edges)  # [n_mels + 1]
+    offsets = edges[:, None] - fft_freqs[None, :]  # [n_mels + 2, n_freqs]
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))  # [n_mels, n_freqs]
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]  # Slaney area normalisation
+    return torch.from_numpy(weights).float()
+
+
+# -- log-mel ------------------------------------------------------------------------------------------
+def num_windows(num_samples: int) -> int:
+    """How many 30 s windows a clip of `num_samples` (16 kHz) needs; at least one."""
+    return max(1, math.ceil(num_samples / N_SAMPLES))
+
+
+def log_mel(waveform, n_mels: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of one clip (1-D tensor) or several (a list): `[windows, n_mels, 3000]`, valid frames.
+
+    Each clip is split into consecutive 30 s windows (the last zero-padded); windows of all clips are
+    stacked in order. `valid_frames[w]` is the number of mel frames of window w that cover real audio.
+    """
+    clips = list(waveform) if isinstance(waveform, (list, tuple)) else [waveform]
+    windows, valid = [], []
+    for i, clip in enumerate(clips):
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        if clip.dim() != 1:
+            raise AudioError(f"log_mel: clip {i} must be a 1-D 16 kHz waveform, got shape {tuple(clip.shape)}")
+        n = clip.shape[0]
+        if n == 0:
+            raise AudioError(f"log_mel: clip {i} is empty")
+        for w in range(num_windows(n)):
+            piece = clip[w * N_SAMPLES : (w + 1) * N_SAMPLES]
+            windows.append(torch.nn.functional.pad(piece, (0, N_SAMPLES - piece.shape[0])))
+            valid.append(math.ceil(piece.shape[0] / HOP_LENGTH))
+    batch = torch.stack(windows)  # [windows, 480000]
+    return _log_mel_windows(batch, n_mels), torch.tensor(valid, dtype=torch.long)
+
+
+def _log_mel_windows(batch: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """`[windows, 480000]` → `[windows, n_mels, 3000]`, the max-8 floor taken per window."""
+    window = torch.hann_window(N_FFT, device=batch.device)  # periodic
+    stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True)
+    power = stft[..., :-1].abs().square()  # [windows, 201, 3000]: last frame dropped
+    mel = mel_filters(n_mels).to(batch.device) @ power  # [windows, n_mels, 3000]
+    log_spec = mel.clamp(min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qva.audio [FILE] [--whisper DIR]`: encoder output shape and timings."""
+    import argparse
+    import time
+
+    from .demo import cache_dir, write_tiny_whisper
+    from .whisper_encoder import WhisperEncoder
+
+    p = argparse.ArgumentParser(prog="python -m qva.audio", description=main.__doc__)
+    p.add_argument("file", nargs="?", help="audio file (default: a synthetic 4 s clip)")
+    p.add_argument("--whisper", help="Whisper checkpoint folder (default: a tiny random-weight demo encoder)")
+    args = p.parse_args(argv)
+    try:
+        if args.whisper is None:
+            folder = cache_dir() / "demo-whisper"
+            if not (folder / "model.safetensors").is_file():
+                write_tiny_whisper(folder)
+            print(f"note: no --whisper given, using a tiny RANDOM-weight encoder from {folder}")
+            args.whisper = folder
+        t0 = time.perf_counter()
+        encoder = WhisperEncoder.from_pretrained(args.whisper)
+        t_load = time.perf_counter() - t0
+        if args.file:
+            wave = load_audio(args.file)
+        else:
+            t = torch.arange(4 * SAMPLE_RATE) / SAMPLE_RATE
+            wave = 0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t / 4)) * (1 + torch.sin(2 * math.pi * 3 * t)) / 2
+        t0 = time.perf_counter()
+        features, valid = log_mel(wave, encoder.config.num_mel_bins)
+        t_mel = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            states = encoder(features)
+        t_enc = time.perf_counter() - t0
+    except (AudioError, ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 1
+    print(f"audio: {wave.shape[0] / SAMPLE_RATE:.2f} s → features {tuple(features.shape)}, valid frames {valid.tolist()}")
+    print(f"encoder states: {tuple(states.shape)}")
+    print(f"load {t_load:.2f} s, log-mel {t_mel * 1e3:.1f} ms, encoder {t_enc:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

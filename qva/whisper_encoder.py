@@ -1,0 +1,157 @@
+"""The Whisper audio encoder (Radford et al., 2022), from scratch.
+
+log-mel `[B, n_mels, 3000]` → conv1 (k3, p1) → GELU → conv2 (k3, stride 2, p1) → GELU → `[B, 1500, d]`
+→ + positional table (stored in the checkpoint) → pre-LN transformer layers → final LayerNorm.
+
+Sub-module names equal Hugging Face's `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
+`layers.{i}.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`, `final_layer_norm`,
+`layer_norm`), so checkpoints map one-to-one. Only encoder tensors are ever read from disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
+
+LAYER_NORM_EPS = 1e-5
+ENCODER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
+
+
+@dataclass
+class WhisperEncoderConfig:
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500
+    activation_function: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config") -> "WhisperEncoderConfig":
+        if cfg.get("model_type", "whisper") != "whisper":
+            raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not a Whisper config")
+        if cfg.get("activation_function", "gelu") != "gelu":
+            raise CheckpointError(f"{source}: activation_function {cfg['activation_function']!r} unsupported (Whisper uses 'gelu')")
+        missing = [f.name for f in fields(cls) if f.name not in cfg and f.name != "activation_function"]
+        if missing:
+            raise CheckpointError(f"{source}: Whisper config lacks {', '.join(missing)}")
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "WhisperEncoderConfig":
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no config.json (is this a Whisper checkpoint folder?)")
+        try:
+            cfg = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+        return cls.from_dict(cfg.get("audio_config", cfg), str(file))
+
+    def to_dict(self) -> dict:
+        return {"model_type": "whisper", **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @property
+    def input_frames(self) -> int:
+        return 2 * self.max_source_positions  # conv2 halves the 3000 mel frames to 1500
+
+
+class WhisperAttention(nn.Module):
+    """Bidirectional multi-head self-attention; `k_proj` has no bias."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d]
+        q, k, v = (rearrange(p(x), "b t (h e) -> b h t e", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # scale = head_dim ** -0.5
+        return self.out_proj(rearrange(y, "b h t e -> b t (h e)"))
+
+
+class WhisperEncoderLayer(nn.Module):
+    """Pre-LN: x + attn(LN(x)); x + fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = WhisperAttention(d, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """Log-mel windows `[B, n_mels, 3000]` → encoder states `[B, 1500, d_model]`."""
+
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if features.dim() == 2:
+            features = features[None]
+        if features.dim() != 3 or features.shape[1:] != (cfg.num_mel_bins, cfg.input_frames):
+            raise ValueError(
+                f"WhisperEncoder: input_features must be [windows, {cfg.num_mel_bins}, {cfg.input_frames}] "
+                f"(log-mel of padded 30 s windows), got {list(features.shape)}"
+            )
+        x = features.to(self.conv1.weight.dtype)
+        x = F.gelu(self.conv1(x))  # [B, d, 3000]
+        x = F.gelu(self.conv2(x))  # [B, d, 1500]
+        x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> "WhisperEncoder":
+        """Load the encoder of a Hugging Face Whisper checkpoint; decoder tensors are never read.
+
+        `dtype` defaults to the stored dtype; pass an open `checkpoint` to inspect what was read.
+        """
+        cfg = WhisperEncoderConfig.from_pretrained(path)
+        ckpt = checkpoint or Checkpoint(path)
+        prefix = next((p for p in ENCODER_PREFIXES if ckpt.names(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: no Whisper encoder tensors (expected names under {' or '.join(ENCODER_PREFIXES)})")
+        with torch.device("meta"):
+            model = cls(cfg)
+        try:
+            load_into(model, ckpt, prefix=prefix, dtype=dtype, device=device)
+        finally:
+            if checkpoint is None:
+                ckpt.close()
+        assert_materialized(model, str(path))
+        return model.eval()

@@ -1,0 +1,189 @@
+"""Audio loading, resampling and log-mel features against analytic signals and the transformers extractor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import JFK, WHISPER_ASSETS, need_shared
+
+from qva.audio import N_FRAMES, N_SAMPLES, AudioError, load_audio, log_mel, mel_filters
+from qva.resample import resample
+
+SR = 16_000
+
+
+def tone(freq: float, seconds: float, rate: int = SR, phase: float = 0.3) -> torch.Tensor:
+    t = torch.arange(int(seconds * rate), dtype=torch.float64) / rate
+    return torch.sin(2 * math.pi * freq * t + phase)
+
+
+def reference_features(clips, n_mels):
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=n_mels)
+    arrays = [c.numpy() for c in clips] if isinstance(clips, list) else clips.numpy()
+    out = fe(arrays, sampling_rate=SR, return_tensors="pt", return_attention_mask=True)
+    return out.input_features, out.attention_mask.sum(-1)
+
+
+# -- mel filters ------------------------------------------------------------------------------------
+@need_shared(WHISPER_ASSETS)
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_openai_assets(n_mels):
+    ref = np.load(WHISPER_ASSETS / "mel_filters.npz")[f"mel_{n_mels}"]
+    ours = mel_filters(n_mels).numpy()
+    assert ours.shape == ref.shape == (n_mels, 201)
+    assert np.abs(ours - ref).max() < 1e-7  # measured 4e-9; values up to 0.04
+
+
+# -- log-mel ----------------------------------------------------------------------------------------
+SIGNALS = {
+    "tone_440": lambda: 0.5 * tone(440, 3.0).float(),
+    "chirp_mix": lambda: (0.3 * tone(1000, 7.3) + 0.2 * tone(5555, 7.3)).float(),
+    "noise": lambda: 0.1 * torch.randn(SR * 5 + 37, generator=torch.Generator().manual_seed(1)),
+    "silence": lambda: torch.zeros(SR * 2),
+    "short_161": lambda: 0.2 * torch.randn(161, generator=torch.Generator().manual_seed(2)),
+}
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_log_mel_matches_reference_unbatched(name, n_mels):
+    wave = SIGNALS[name]()
+    ours, valid = log_mel(wave, n_mels)
+    ref, ref_valid = reference_features(wave, n_mels)
+    assert ours.shape == ref.shape == (1, n_mels, N_FRAMES)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert valid.tolist() == ref_valid.tolist() == [math.ceil(wave.shape[0] / 160)]
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_reference_batched(n_mels):
+    clips = [SIGNALS[n]() for n in SIGNALS]
+    ours, valid = log_mel(clips, n_mels)
+    ref, ref_valid = reference_features(clips, n_mels)
+    assert ours.shape == ref.shape == (len(clips), n_mels, N_FRAMES)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert valid.tolist() == ref_valid.tolist()
+    # the max-8 floor is per example: a loud clip does not change a quiet one's features
+    alone, _ = log_mel(clips[3], n_mels)
+    assert torch.equal(ours[3], alone[0])
+
+
+@need_shared(JFK)
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_real_speech(n_mels):
+    wave = load_audio(JFK)
+    ours, valid = log_mel(wave, n_mels)
+    ref, ref_valid = reference_features(wave, n_mels)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert valid.tolist() == ref_valid.tolist() == [1100]  # 11.0 s
+    assert ours.std() > 0.3  # real speech, not a constant
+
+
+def test_valid_frames_ceil_not_floor():
+    # 64 001 samples: ceil(n/160) = 401 frames have their centre on real audio; n // 160 = 400
+    _, valid = log_mel(torch.randn(64_001), 80)
+    assert valid.tolist() == [401]
+    _, valid = log_mel(torch.randn(64_000), 80)
+    assert valid.tolist() == [400]
+
+
+def test_long_audio_split_into_windows_nothing_dropped():
+    wave = 0.1 * torch.randn(45 * SR, generator=torch.Generator().manual_seed(3))
+    feats, valid = log_mel(wave, 80)
+    assert feats.shape == (2, 80, N_FRAMES)
+    assert valid.tolist() == [3000, 1500]
+    first, _ = log_mel(wave[:N_SAMPLES], 80)
+    second, _ = log_mel(wave[N_SAMPLES:], 80)
+    assert torch.equal(feats[0], first[0]) and torch.equal(feats[1], second[0])
+    # exactly 60 s → two full windows, no empty third one
+    assert log_mel(torch.randn(2 * N_SAMPLES), 80)[1].tolist() == [3000, 3000]
+
+
+def test_log_mel_rejects_bad_input():
+    with pytest.raises(AudioError, match="empty"):
+        log_mel(torch.zeros(0))
+    with pytest.raises(AudioError, match="1-D"):
+        log_mel(torch.zeros(2, 100))
+
+
+# -- resampling -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("orig", [44_100, 48_000, 22_050, 8_000, 32_000])
+def test_resampler_reproduces_tones(orig):
+    """A resampled tone equals the analytic tone at 16 kHz (edges excluded: zero padding there)."""
+    for freq in (100, 440, 1000, 3000, 3900, 6000, 7000):
+        if freq >= 0.48 * min(orig, SR):
+            continue
+        y = resample(tone(freq, 1.0, orig), orig, SR)
+        assert y.shape[-1] == SR
+        ref = tone(freq, 1.0, SR)
+        err = (y - ref)[400:-400].abs().max().item()
+        assert err < 1e-5, (orig, freq, err)  # measured ≤ 8.4e-7 (7 kHz from 44.1 kHz)
+
+
+def test_resampler_removes_frequencies_above_nyquist():
+    y = resample(tone(9000, 1.0, 44_100), 44_100, SR)  # 9 kHz cannot exist at 16 kHz: must vanish, not alias
+    assert y[400:-400].abs().max().item() < 1e-5
+
+
+def test_resampler_batched_and_identity():
+    x = torch.randn(3, 4410, dtype=torch.float64)
+    y = resample(x, 44_100, SR)
+    assert y.shape == (3, 1600)
+    assert torch.allclose(y[1], resample(x[1], 44_100, SR))
+    assert resample(x, SR, SR) is x
+
+
+# -- load_audio -------------------------------------------------------------------------------------
+@need_shared(JFK)
+def test_load_audio_file_stereo_44k():
+    import soundfile as sf
+
+    raw, rate = sf.read(str(JFK), dtype="float32", always_2d=True)
+    assert rate == 44_100 and raw.shape[1] == 2
+    wave = load_audio(JFK)
+    assert wave.dtype == torch.float32 and wave.dim() == 1
+    assert wave.shape[0] == math.ceil(raw.shape[0] * 16_000 / 44_100) == 176_000
+    direct = resample(torch.from_numpy(raw.mean(1)).double(), 44_100, SR).float()
+    assert torch.allclose(wave, direct, atol=1e-6)
+
+
+def test_load_audio_arrays():
+    left, right = tone(440, 0.5), tone(880, 0.5)
+    both = torch.stack([left, right], 1).numpy()  # [samples, channels] as soundfile gives it
+    mono = load_audio(both, sampling_rate=SR)
+    assert torch.allclose(mono.double(), (left + right) / 2, atol=1e-6)
+    assert torch.equal(load_audio(both.T, sampling_rate=SR), mono)  # [channels, samples]
+    pcm = (left.numpy() * 32767).astype(np.int16)
+    assert torch.allclose(load_audio(pcm, sampling_rate=SR).double(), left, atol=1e-4)
+    assert load_audio(torch.randn(4410), sampling_rate=44_100).shape == (1600,)
+
+
+def test_load_audio_errors(tmp_path):
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(np.zeros(0, np.float32), sampling_rate=SR)
+    bad = np.ones(100, np.float32)
+    bad[7] = np.nan
+    with pytest.raises(AudioError, match="NaN/inf"):
+        load_audio(bad, sampling_rate=SR)
+    with pytest.raises(AudioError, match="sampling_rate"):
+        load_audio(np.ones(100, np.float32))
+    with pytest.raises(AudioError, match="no such audio file"):
+        load_audio(tmp_path / "missing.wav")
+    fake = tmp_path / "notes.wav"
+    fake.write_text("this is not audio")
+    with pytest.raises(AudioError, match="notes.wav: cannot read as audio"):
+        load_audio(fake)
+    truncated = tmp_path / "cut.wav"
+    import soundfile as sf
+
+    sf.write(str(truncated), np.zeros(1000, np.float32), SR)
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    with pytest.raises(AudioError, match="cut.wav"):
+        load_audio(truncated)
+    with pytest.raises(AudioError, match="shape"):
+        load_audio(np.zeros((2, 3, 4), np.float32), sampling_rate=SR)

@@ -1,0 +1,107 @@
+"""The Qwen2 language model with M-RoPE: GQA attention with qkv bias, RMSNorm, SwiGLU MLP.
+
+embeddings `[B, S, D]` + 3-axis position ids `[3, B, S]` → decoder layers → final RMSNorm → `[B, S, D]`.
+Module names follow the checkpoints (`embed_tokens`, `layers.{i}.self_attn.{q,k,v,o}_proj`,
+`layers.{i}.mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .mrope import apply_rotary, mrope_cos_sin
+from .qwen2vl_config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) computed in fp32, cast back to the input dtype, then scaled by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(d, self.heads * hd)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, mask) -> torch.Tensor:
+        q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
+        k = rearrange(self.k_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
+        v = rearrange(self.v_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.heads != self.kv_heads
+        )
+        return self.o_proj(rearrange(y, "b h s e -> b s (h e)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, S]` (1 = token, 0 = padding) → boolean `[B, 1, S, S]`: causal, padded keys hidden.
+
+    Every query keeps at least its own key, so padded rows give finite (ignored) outputs, not NaN.
+    """
+    s = attention_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask = mask | torch.eye(s, dtype=torch.bool, device=attention_mask.device)
+    return mask[:, None]
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, inputs_embeds.dtype)
+        mask = None if attention_mask is None else causal_padding_mask(attention_mask)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)

@@ -1,0 +1,155 @@
+"""Qwen2-VL vision tower: a ViT with 2-D rotary positions and a 2×2 patch merger.
+
+pixel rows `[N, 1176]` (3 channels × 2 frames × 14 × 14, in 2×2-merge-window order, see
+image_processing.py) → patch embed → blocks → merger → `[N / 4, LLM hidden]`.
+
+Attention is block-diagonal: each temporal slice of each image or video attends only to itself, so all
+images of a request go through in one pass. Slices of equal length are batched into one SDPA call.
+
+Module names follow the checkpoints: `patch_embed.proj`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
+mlp.fc1,mlp.fc2}`, `merger.{ln_q,mlp.0,mlp.2}`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .mrope import apply_rotary, vision_cos_sin
+from .qwen2vl_config import VisionConfig
+
+LAYER_NORM_EPS = 1e-6
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (2, 14, 14) and no bias, applied to pre-cut patches: a Linear."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)  # checkpoint shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 1176] → [N, embed]
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "n (three h e) -> three h n e", three=3, h=self.heads)  # each [H, N, e]
+        q = apply_rotary(q.float(), cos, sin).to(v.dtype)  # rotary in fp32, as trained
+        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        out = torch.empty_like(q)
+        for start, length, count in segments:  # `count` consecutive segments of `length` patches
+            end = start + length * count
+            qs, ks, vs = (rearrange(t[:, start:end], "h (c l) e -> c h l e", c=count) for t in (q, k, v))
+            out[:, start:end] = rearrange(F.scaled_dot_product_attention(qs, ks, vs), "c h l e -> h (c l) e")
+        return self.proj(rearrange(out, "h n e -> n (h e)"))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        if cfg.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"vision hidden_act {cfg.hidden_act!r} unsupported")
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """x + attn(LN1(x)); x + mlp(LN2(x))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """LN, then each 2×2 window of consecutive patches (4 × embed) → Linear → GELU → Linear(→ LLM width)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.window = cfg.spatial_merge_size**2
+        wide = cfg.embed_dim * self.window
+        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.mlp = nn.Sequential(nn.Linear(wide, wide), nn.GELU(), nn.Linear(wide, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(rearrange(self.ln_q(x), "(n w) d -> n (w d)", w=self.window))
+
+
+def patch_hw_ids(grid_thw: list[list[int]], merge: int) -> torch.Tensor:
+    """(h, w) of every patch `[N, 2]`, in the merge-window order the processor emits patches in."""
+    ids = []
+    for t, h, w in grid_thw:
+        hh = torch.arange(h)[:, None].expand(h, w)
+        ww = torch.arange(w)[None, :].expand(h, w)
+        hw = torch.stack([hh, ww], dim=-1)  # [h, w, 2]
+        hw = rearrange(hw, "(hb mh) (wb mw) two -> (hb wb mh mw) two", mh=merge, mw=merge)
+        ids.append(hw.repeat(t, 1))
+    return torch.cat(ids)
+
+
+def attention_segments(grid_thw: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Runs of equal-length temporal slices: (start, slice length, number of slices)."""
+    runs: list[list[int]] = []
+    start = 0
+    for t, h, w in grid_thw:
+        for _ in range(t):
+            if runs and runs[-1][1] == h * w:
+                runs[-1][2] += 1
+            else:
+                runs.append([start, h * w, 1])
+            start += h * w
+    return [tuple(r) for r in runs]
+
+
+class VisionTransformer(nn.Module):
+    """pixel rows `[N, patch_dim]` and `grid_thw` `[images, 3]` → merged features `[N / 4, LLM hidden]`."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        grid = grid_thw.tolist()  # host metadata from the processor (a CPU tensor): no device sync
+        n = sum(t * h * w for t, h, w in grid)
+        if pixel_values.dim() != 2 or pixel_values.shape != (n, cfg.patch_dim):
+            raise ValueError(
+                f"pixel_values must be [{n}, {cfg.patch_dim}] for grid_thw {grid}, got {list(pixel_values.shape)}"
+            )
+        x = self.patch_embed(pixel_values)
+        cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
+        cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
+        segments = attention_segments(grid)
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        return self.merger(x)

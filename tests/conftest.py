@@ -43,3 +43,63 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# -- tiny Qwen2-VL checkpoints --------------------------------------------------------------------------
+QWEN_TOKENIZER = SHARED / "qwen2-vl-tokenizer"
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+
+
+def tiny_qwen2vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
+    """A transformers Qwen2VLConfig small enough for CPU tests (GQA 4:2, mrope [2, 3, 3] over head_dim 16)."""
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4),
+        text_config=dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+        ),
+        tie_word_embeddings=tie,
+    )
+
+
+def tiny_qwen2vl(seed: int = 0, tie: bool = True, **kw):
+    """A transformers Qwen2VLForConditionalGeneration with large random weights (std 0.1, norms ≠ 1)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tie, **kw))
+    model = perturb_(model, seed)
+    if tie:
+        model.tie_weights()
+    return model
+
+
+def write_hub_layout(saved_dir: Path, out_dir: Path, max_shard_bytes: int = 20 * 2**20) -> Path:
+    """Rewrite a `save_pretrained` folder the way the Hub stores Qwen2-VL: flat v4 config with
+    `rope_scaling` and `in_chans`, bf16-free fp32 shards with an index, no `lm_head.weight` when tied."""
+    import json
+
+    from weights_loader import Checkpoint
+    from weights_loader.writer import save_checkpoint
+
+    nested = json.loads((saved_dir / "config.json").read_text())
+    text = nested["text_config"]
+    rope = text["rope_parameters"]
+    vision = {k: v for k, v in nested["vision_config"].items() if k not in ("in_channels", "model_type", "rope_parameters", "initializer_range")}
+    flat = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act")},
+        "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+        "tie_word_embeddings": nested["tie_word_embeddings"], "use_sliding_window": False, "sliding_window": 32768,
+        "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END, "vision_token_id": 151654,
+        "image_token_id": IMAGE_PAD, "video_token_id": VIDEO_PAD, "torch_dtype": "float32",
+        "vision_config": {**vision, "in_chans": 3, "spatial_patch_size": 14},
+    }
+    ckpt = Checkpoint(saved_dir)
+    tensors = {n: ckpt.read(n) for n in ckpt.names() if not (nested["tie_word_embeddings"] and n == "lm_head.weight")}
+    save_checkpoint(out_dir, tensors, flat, max_shard_bytes=max_shard_bytes)
+    return out_dir

@@ -1,0 +1,71 @@
+"""Qwen2-VL's chat template, rendered in Python from Hugging Face-style messages.
+
+    [{"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", "text": "..."}]}]
+
+renders exactly as the Jinja template in Qwen2-VL's `chat_template.json`: a default system prompt when
+the first message is not a system one, `<|im_start|>role\\n … <|im_end|>\\n` per message, and one
+`<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video). The processor
+later repeats each pad token once per feature row.
+"""
+
+from __future__ import annotations
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# media type → (label used with add_vision_id, start token, pad token, end token)
+MEDIA = {
+    "image": ("Picture", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "video": ("Video", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
+}
+
+
+def media_type(item: dict) -> str | None:
+    """Which media a content item is, with the template's rules (`type`, or the presence of a key)."""
+    if item.get("type") == "image" or "image" in item or "image_url" in item:
+        return "image"
+    for kind in MEDIA:
+        if item.get("type") == kind or kind in item:
+            return kind
+    return None
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise ValueError("messages must be a list of {'role': ..., 'content': str | list of items} dicts")
+    counts = dict.fromkeys(MEDIA, 0)
+    out = []
+    for i, message in enumerate(messages):
+        if i == 0 and message["role"] != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+        out.append(f"<|im_start|>{message['role']}\n")
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            for item in content:
+                kind = media_type(item)
+                if kind is not None:
+                    counts[kind] += 1
+                    label, start, pad, end = MEDIA[kind]
+                    if add_vision_id:
+                        out.append(f"{label} {counts[kind]}: ")
+                    out.append(start + pad + end)
+                elif "text" in item:
+                    out.append(item["text"])
+        out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def media_items(messages: list[dict]) -> dict[str, list]:
+    """The media objects referenced by the messages, per type, in order of appearance."""
+    found: dict[str, list] = {k: [] for k in MEDIA}
+    for message in messages:
+        if isinstance(message["content"], str):
+            continue
+        for item in message["content"]:
+            kind = media_type(item)
+            if kind is not None:
+                found[kind].append(item.get(kind, item.get("image_url") if kind == "image" else None))
+    return found

@@ -1,0 +1,168 @@
+"""Images and videos → Qwen2-VL pixel rows, equal to `Qwen2VLImageProcessor` (PIL backend).
+
+RGB (alpha composited onto white) → `smart_resize` to multiples of 28 within [min_pixels, max_pixels]
+→ PIL bicubic → ×1/255 → CLIP mean/std → cut into 14×14 patches, two frames deep (an image is its own
+second frame; a video with an odd frame count repeats its last), emitted 2×2-merge-window-major:
+rows of 3·2·14·14 = 1176 values, `grid_thw` = (frames/2, h/14, w/14).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image or video that cannot be used: the message names it and says why."""
+
+
+@dataclass
+class VisionPreprocessConfig:
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionPreprocessConfig":
+        size = d.get("size") or {}
+        return cls(
+            min_pixels=d.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
+            max_pixels=d.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
+            patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
+            merge_size=d.get("merge_size", 2),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)), image_std=tuple(d.get("image_std", CLIP_STD)),
+        )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size  # 28
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Sides rounded to multiples of `factor` (Python's banker's `round`), area brought into [min, max]."""
+    if min(height, width) <= 0:
+        raise ImageError(f"image has an empty side: {height}×{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(f"aspect ratio must be at most 200, got {height}×{width} ({max(height, width) / min(height, width):.1f})")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image, name: str = "image") -> Image.Image:
+    """A PIL RGB image from a path, a PIL image (any mode) or a uint8 array `[H, W]`/`[H, W, C]`/`[C, H, W]`."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"{path}: no such image file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ImageError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
+        name = str(path)
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        arr = image.numpy() if isinstance(image, torch.Tensor) else image
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # [C, H, W] → [H, W, C]
+        if arr.dtype != np.uint8:
+            raise ImageError(f"{name}: arrays must be uint8 RGB(A) pixels, got dtype {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+            raise ImageError(f"{name}: expected [H, W], [H, W, 3|4] or [3|4, H, W], got shape {list(arr.shape)}")
+        image = Image.fromarray(arr)
+    elif not isinstance(image, Image.Image):
+        raise ImageError(f"{name}: expected a path, PIL image or uint8 array, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _normalized(image: Image.Image, size: tuple[int, int], cfg: VisionPreprocessConfig) -> np.ndarray:
+    """Resize (PIL bicubic) to `size` = (h, w), rescale and normalise: float32 `[3, h, w]`."""
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    x = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def patchify(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[torch.Tensor, list[int]]:
+    """frames `[T, C, H, W]` (T a multiple of 2) → rows `[T/2 · H/14 · W/14, C·2·14·14]` and grid (t, h, w)."""
+    t, c, h, w = frames.shape
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    rows = rearrange(
+        torch.from_numpy(np.ascontiguousarray(frames)),
+        "(gt tp) c (hb mh ph) (wb mw pw) -> (gt hb wb mh mw) (c tp ph pw)",
+        tp=tp, mh=m, ph=p, mw=m, pw=p,
+    )
+    return rows.contiguous(), [t // tp, h // p, w // p]
+
+
+def process_image(image, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
+    """One image → (rows `[N, 1176]` float32, grid [1, h/14, w/14])."""
+    rgb = to_rgb(image)
+    size = smart_resize(rgb.height, rgb.width, cfg.factor, min_pixels or cfg.min_pixels, max_pixels or cfg.max_pixels)
+    x = _normalized(rgb, size, cfg)
+    return patchify(np.repeat(x[None], cfg.temporal_patch_size, axis=0), cfg)
+
+
+def video_frames(video) -> list:
+    """A video as a list of frames: a list/tuple of images, an array `[T, H, W, 3]`, or a folder of images."""
+    if isinstance(video, (str, os.PathLike)):
+        folder = Path(video)
+        if not folder.is_dir():
+            raise ImageError(f"{folder}: videos are given as a folder of frames (or a list/array of frames)")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ImageError(f"{folder}: no image frames (.png/.jpg/.jpeg/.webp/.bmp) in the folder")
+        return files
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        if video.ndim != 4:
+            raise ImageError(f"video array must be [T, H, W, C], got shape {list(video.shape)}")
+        return list(video)
+    frames = list(video)
+    if not frames:
+        raise ImageError("video has no frames")
+    return frames
+
+
+def process_video(video, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Frames → (rows `[T/2 · h/14 · w/14, 1176]`, grid [T/2, h/14, w/14]); odd T repeats the last frame."""
+    frames = [to_rgb(f, f"video frame {i}") for i, f in enumerate(video_frames(video))]
+    sizes = {f.size for f in frames}
+    if len(sizes) != 1:
+        raise ImageError(f"video frames differ in size: {sorted(sizes)}")
+    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, min_pixels or cfg.min_pixels, max_pixels or cfg.max_pixels)
+    x = np.stack([_normalized(f, size, cfg) for f in frames])  # [T, 3, h, w]
+    if len(frames) % cfg.temporal_patch_size:
+        pad = cfg.temporal_patch_size - len(frames) % cfg.temporal_patch_size
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return patchify(x, cfg)

@@ -193,17 +193,20 @@ class Checkpoint:
         """One tensor as an owned copy, cast to `dtype` and moved to `device` (defaults: stored, CPU)."""
         info = self.info(name)
         m = self._map(info.file)
-        if info.nbytes == 0:
-            out = torch.empty(info.shape, dtype=info.dtype)
-        else:
-            with warnings.catch_warnings():  # read-only map: fine, the view is copied before anyone sees it
+        target = dtype or info.dtype
+        out = torch.empty(info.shape, dtype=target)
+        if info.nbytes:
+            numel = info.nbytes // _itemsize(info.dtype)
+            with warnings.catch_warnings():  # read-only map: fine, data is copied out before anyone sees it
                 warnings.simplefilter("ignore", UserWarning)
-                view = torch.frombuffer(m, dtype=info.dtype, count=info.nbytes // _itemsize(info.dtype), offset=info.start)
-            # `.to` copies when the dtype changes; `clone` otherwise: the result never aliases the map.
-            out = view.to(dtype) if dtype not in (None, info.dtype) else view.clone()
-            out = out.view(info.shape)
-            del view
-            _release(m, info.start, info.end)
+                src = torch.frombuffer(m, dtype=info.dtype, count=numel, offset=info.start)
+            dst = out.view(-1)
+            step = max(1, _CHUNK_BYTES // _itemsize(info.dtype))
+            for i in range(0, numel, step):  # copy (and cast) in chunks, releasing mapped pages as we go,
+                j = min(numel, i + step)  # so the transient cost is one chunk, not one whole tensor
+                dst[i:j].copy_(src[i:j])
+                _release(m, info.start + i * _itemsize(info.dtype), info.start + j * _itemsize(info.dtype))
+            del src
         self.reads.append(name)
         if device is not None:
             out = out.to(device)
@@ -244,6 +247,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 _PAGE = mmap.PAGESIZE
+_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _release(m: mmap.mmap, start: int, end: int) -> None:

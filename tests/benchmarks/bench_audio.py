@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import ROOT, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.audio import load_audio, log_mel  # noqa: E402
 from qva.whisper_encoder import WhisperEncoder  # noqa: E402
@@ -53,45 +47,18 @@ def write_turbo(folder: Path, layers: int) -> Path:
     return save_checkpoint(folder, tensors, config, max_shard_bytes=2 * 1024**3)
 
 
-def timed_pair(ref_fn, qva_fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, after a warm-up, the two calls interleaved so drift hits both alike."""
-    ref_fn(), qva_fn()
-    times: tuple[list, list] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((ref_fn, times[0]), (qva_fn, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 COLD = {  # (imports, load): peak RSS is measured from after the imports
     "qva": ("from qva.whisper_encoder import WhisperEncoder",
             "enc = WhisperEncoder.from_pretrained(PATH, dtype=torch.float32)"),
     "transformers": ("from transformers import WhisperForConditionalGeneration",
                      "enc = WhisperForConditionalGeneration.from_pretrained(PATH, dtype=torch.float32).model.encoder"),
 }
+ENCODER_BYTES = "result['encoder_bytes'] = sum(p.numel() * p.element_size() for p in enc.state_dict().values())"
 
 
 def cold_load(which: str, path: Path) -> dict:
-    script = textwrap.dedent(f"""
-        import json, sys, time
-        t_start = time.perf_counter()
-        import torch
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-        import peak_rss
-        PATH = {str(path)!r}
-        {COLD[which][0]}
-        base = peak_rss.reset()
-        {COLD[which][1]}
-    """) + textwrap.dedent("""
-        n = sum(p.numel() * p.element_size() for p in enc.state_dict().values())
-        print(json.dumps({"seconds": time.perf_counter() - t_start, "peak_rss_over_base": peak_rss.peak() - base, "encoder_bytes": n}))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"cold load ({which}) failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    imports, load = COLD[which]
+    return cold_run(imports, load + "\n" + ENCODER_BYTES, path)
 
 
 def main() -> None:
@@ -143,20 +110,15 @@ def main() -> None:
     rows.append(("cold load fp16 ckpt → fp32 encoder (s)", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
     need = cold["qva"]["encoder_bytes"]
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"fp32 encoder parity on this input: max abs diff {err:.2e}\n")
-    print(f"| {'row':44s} | {'transformers':>12s} | {'qva':>10s} | {'speed-up':>8s} |")
-    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 12}|{'-' * 10}|")
-    for name, t, qv in rows:
-        print(f"| {name:44s} | {t:10.3f} s | {qv:8.3f} s | {t / qv:7.2f}× |")
+    print_table(rows)
+    print(f"fp32 encoder parity on this input: max abs diff {err:.2e}")
     for w in ("transformers", "qva"):
         c = cold[w]
         print(f"cold load peak RSS, {w:12s}: {c['peak_rss_over_base'] / 2**20:8.0f} MiB over baseline "
               f"({c['peak_rss_over_base'] / need:.2f}× the {need / 2**20:.0f} MiB fp32 encoder)")
     result = {
-        "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "layers": args.layers, "bf16_layers": k, "fp32_max_abs_diff": err,
-        "rows": [{"row": n, "transformers_s": t, "qva_s": qv, "speedup": t / qv} for n, t, qv in rows],
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "layers": args.layers, "bf16_layers": k, "fp32_max_abs_diff": err, "rows": rows_json(rows),
         "cold_load": cold, "encoder_fp32_bytes": need,
         "qva_peak_over_target": cold["qva"]["peak_rss_over_base"] / need,
     }

@@ -45,7 +45,7 @@ class Qwen2VL(nn.Module):
         out: list[tuple[int, torch.Tensor | None]] = []
         parts = [(cfg.image_token_id, pixel_values, image_grid_thw), (cfg.video_token_id, pixel_values_videos, video_grid_thw)]
         present = [(tid, px, grid) for tid, px, grid in parts if px is not None]
-        for tid, px, grid in present:
+        for tid, _, grid in present:
             if grid is None:
                 raise ValueError(f"{'image' if tid == cfg.image_token_id else 'video'} pixels given without their grid_thw")
         if not present:

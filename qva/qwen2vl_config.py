@@ -8,11 +8,10 @@ optional (e.g. `num_key_value_heads`) fall back to the format's documented defau
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from weights_loader import CheckpointError
+from weights_loader import CheckpointError, read_config
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 
@@ -135,14 +134,7 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Qwen2VLConfig":
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise CheckpointError(f"{path}: no config.json (is this a Qwen2-VL checkpoint folder?)")
-        try:
-            d = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-        return cls.from_dict(d, str(file))
+        return cls.from_dict(read_config(path, "Qwen2-VL"), str(Path(path) / "config.json"))
 
     def to_dict(self) -> dict:
         """Flat Hub (v4) layout, which both qva and transformers read."""

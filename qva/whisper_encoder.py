@@ -10,7 +10,6 @@ Sub-module names equal Hugging Face's `WhisperEncoder` (`conv1`, `conv2`, `embed
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
+from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into, read_config
 
 LAYER_NORM_EPS = 1e-5
 ENCODER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
@@ -48,14 +47,8 @@ class WhisperEncoderConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "WhisperEncoderConfig":
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise CheckpointError(f"{path}: no config.json (is this a Whisper checkpoint folder?)")
-        try:
-            cfg = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-        return cls.from_dict(cfg.get("audio_config", cfg), str(file))
+        cfg = read_config(path, "Whisper")
+        return cls.from_dict(cfg.get("audio_config", cfg), str(Path(path) / "config.json"))
 
     def to_dict(self) -> dict:
         return {"model_type": "whisper", **{f.name: getattr(self, f.name) for f in fields(self)}}

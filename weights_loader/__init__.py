@@ -1,9 +1,9 @@
 """Lazy, strict, memory-frugal loading of safetensors checkpoints into meta-built modules."""
 
 from .assign import assert_materialized, expected_tensors, load_into
-from .checkpoint import Checkpoint, CheckpointError, TensorInfo, read_header
+from .checkpoint import Checkpoint, CheckpointError, TensorInfo, read_config, read_header
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "TensorInfo", "read_header",
+    "Checkpoint", "CheckpointError", "TensorInfo", "read_config", "read_header",
     "load_into", "expected_tensors", "assert_materialized",
 ]

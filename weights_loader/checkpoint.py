@@ -105,6 +105,20 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_config(folder: str | os.PathLike, what: str) -> dict:
+    """`folder/config.json` as a dict; a missing or invalid file is a `CheckpointError` naming it."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a {what} checkpoint folder?)")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return cfg
+
+
 def _refuse_pickle(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from common import ROOT, cold_run, print_table, rows_json, timed_pair  # noqa: E402
+from common import ROOT, cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.audio import load_audio, log_mel  # noqa: E402
 from qva.whisper_encoder import WhisperEncoder  # noqa: E402
@@ -72,11 +71,7 @@ def main() -> None:
 
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="qva-bench-"))
-    ckpt = work / f"turbo-{args.layers}L"
-    if not (ckpt / "config.json").is_file():
-        print(f"writing random turbo-shaped checkpoint ({args.layers} encoder layers) to {ckpt} ...", flush=True)
-        write_turbo(ckpt, args.layers)
+    ckpt = cached_checkpoint(args.workdir, f"turbo-{args.layers}L", lambda f: write_turbo(f, args.layers))
     torch.manual_seed(0)
     rows = []
 
@@ -104,7 +99,7 @@ def main() -> None:
     with torch.inference_mode():
         t_t, t_q = timed_pair(lambda: ref(features.bfloat16()), lambda: q(features), 1)
     rows.append((f"encoder bf16, {k} layers, 1 window", t_t, t_q))
-    del q, ref
+    q = ref = None  # free the models before the cold-load runs
 
     cold = {w: cold_load(w, ckpt) for w in ("transformers", "qva")}
     rows.append(("cold load fp16 ckpt → fp32 encoder (s)", cold["transformers"]["seconds"], cold["qva"]["seconds"]))

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from common import ROOT, cold_run, print_table, rows_json, timed_pair  # noqa: E402
+from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.qwen2vl import Qwen2VL  # noqa: E402
 from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
@@ -83,11 +82,8 @@ def main() -> None:
 
     from transformers import Qwen2VLForConditionalGeneration
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="qva-bench-"))
-    ckpt = work / f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V"
-    if not (ckpt / "config.json").is_file():
-        print(f"writing random 2B-shaped bf16 checkpoint to {ckpt} ...", flush=True)
-        write_2b(ckpt, args.layers, args.vision_layers)
+    ckpt = cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
+                             lambda f: write_2b(f, args.layers, args.vision_layers))
     rows = []
 
     cold = {w: cold_run(COLD_IMPORTS[w], COLD_BODY[w] + FIRST_FORWARD, ckpt) for w in ("transformers", "qva")}
@@ -102,7 +98,7 @@ def main() -> None:
             grid = torch.tensor([[1, 32, 32]] * n_images)  # 448×448 → 32×32 patches of 14 px
             px = torch.randn(1024 * n_images, 1176, generator=g)
             errs[f"vision_{n_images}"] = (ours.visual(px, grid) - ref.model.visual(px, grid_thw=grid).pooler_output).abs().max().item()
-            t_t, t_q = timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), args.repeats)
+            t_t, t_q = timed_pair(lambda px=px, grid=grid: ref.model.visual(px, grid_thw=grid), lambda px=px, grid=grid: ours.visual(px, grid), args.repeats)
             rows.append((f"vision tower, {n_images} × 448² image{'s' * (n_images > 1)}", t_t, t_q))
         ids = torch.randint(0, 150000, (1, args.prefill), generator=g)
         errs["prefill_logits"] = (ours(ids).logits - ref(input_ids=ids).logits).abs().max().item()

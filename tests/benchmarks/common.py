@@ -50,6 +50,17 @@ def cold_run(imports: str, body: str, path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cached_checkpoint(workdir: Path | None, name: str, write) -> Path:
+    """`workdir/name`, written by `write(folder)` unless already there (random checkpoints are slow to make)."""
+    import tempfile
+
+    folder = (workdir or Path(tempfile.mkdtemp(prefix="qva-bench-"))) / name
+    if not (folder / "config.json").is_file():
+        print(f"writing random checkpoint {folder} ...", flush=True)
+        write(folder)
+    return folder
+
+
 def print_table(rows: list[tuple[str, float, float]], unit: str = "s") -> None:
     """rows: (name, transformers seconds, qva seconds); speed-up = transformers / qva."""
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

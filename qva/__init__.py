@@ -8,7 +8,8 @@ from importlib import import_module
 _EXPORTS = {
     "AudioError": "audio", "load_audio": "audio", "log_mel": "audio",
     "WhisperEncoder": "whisper_encoder", "WhisperEncoderConfig": "whisper_encoder",
-    "Qwen2VL": "qwen2vl", "Qwen2VLConfig": "qwen2vl_config", "Processor": "processor",
+    "QVAModel": "model", "Qwen2VLConfig": "qwen2vl_config", "Processor": "processor",
+    "load": "graft", "save": "graft",
 }
 __all__ = list(_EXPORTS)
 

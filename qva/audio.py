@@ -129,6 +129,17 @@ def num_windows(num_samples: int) -> int:
     return max(1, math.ceil(num_samples / N_SAMPLES))
 
 
+def audio_token_count(valid_frames: int, frames: str = "valid", pool: int = 1) -> int:
+    """LLM tokens for one 30 s window with `valid_frames` real mel frames.
+
+    The encoder maps 3000 mel frames to 1500 (conv2 has stride 2, so encoder frame i sees mel frames
+    2i-1..2i+1: ceil(valid / 2) of them touch real audio). `"valid"` keeps those, `"full"` keeps all 1500;
+    then every `pool` frames are averaged into one token (a last partial group still makes a token).
+    """
+    kept = N_FRAMES // 2 if frames == "full" else (valid_frames + 1) // 2
+    return -(-kept // pool)
+
+
 def log_mel(waveform, n_mels: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of one clip (1-D tensor) or several (a list): `[windows, n_mels, 3000]`, valid frames.
 

@@ -4,8 +4,9 @@
 
 renders exactly as the Jinja template in Qwen2-VL's `chat_template.json`: a default system prompt when
 the first message is not a system one, `<|im_start|>role\\n … <|im_end|>\\n` per message, and one
-`<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video). The processor
-later repeats each pad token once per feature row.
+`<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video), and, for the
+audio graft, `<|audio_start|><|audio_pad|><|audio_end|>` per audio clip. The processor later repeats
+each pad token once per feature row.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 MEDIA = {
     "image": ("Picture", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "video": ("Video", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
+    "audio": ("Audio", "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"),  # the qva graft
 }
 
 

@@ -1,13 +1,17 @@
-"""Prompts + media → model inputs: tokenizer, chat template, image/video processing, placeholder expansion.
+"""Prompts + media → model inputs: tokenizer, chat template, image/video/audio processing, placeholders.
 
-`Processor.from_pretrained(path)` reads the checkpoint's `tokenizer.json` (via `tokenizers`) and
-`preprocessor_config.json`. Calling it on texts and media returns left-padded tensors:
+`Processor.from_pretrained(path)` reads the checkpoint's `tokenizer.json` (via `tokenizers`),
+`preprocessor_config.json` and, for a graft, the audio settings in `config.json`. Calling it on texts
+and media returns left-padded tensors:
 
     input_ids, attention_mask [B, S]; pixel_values [N, 1176], image_grid_thw [images, 3];
-    pixel_values_videos, video_grid_thw likewise.
+    pixel_values_videos, video_grid_thw likewise; input_features [windows, mels, 3000] and
+    audio_valid_frames [windows] for audio.
 
-Each `<|image_pad|>` in a text becomes t·h·w/4 of them (one per merged vision token). Placeholders and
-media are matched up front, so a mismatch is a clear error before any model compute.
+Each `<|image_pad|>` becomes t·h·w/4 of them (one per merged vision token), each `<|audio_pad|>` one
+per audio token. Placeholders and media are matched up front: a mismatch is a clear error before any
+model compute. The audio tokens `<|audio_start|>`, `<|audio_end|>`, `<|audio_pad|>` are added to the
+tokenizer in that order, as special tokens: 151657, 151658, 151659, spare rows of the embedding.
 """
 
 from __future__ import annotations
@@ -16,26 +20,41 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from . import chat_template
+from .audio import SAMPLE_RATE, audio_token_count, load_audio, log_mel
 from .image_processing import VisionPreprocessConfig, process_image, process_video
 
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
+AUDIO_TOKENS = ("<|audio_start|>", "<|audio_end|>", AUDIO_PAD)
 PAD_TOKEN = "<|endoftext|>"
+KEPT_FILES = ("tokenizer_config.json", "chat_template.json", "generation_config.json")  # copied on save
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, image_config: VisionPreprocessConfig, video_config: VisionPreprocessConfig | None = None):
+    def __init__(self, tokenizer: Tokenizer, image_config: VisionPreprocessConfig, video_config: VisionPreprocessConfig | None = None,
+                 config=None, preprocessor: dict | None = None, kept_files: dict[str, str] | None = None):
         self.tokenizer = tokenizer
+        if tokenizer.token_to_id(AUDIO_TOKENS[0]) is None:
+            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in AUDIO_TOKENS])
         self.image_config = image_config
         self.video_config = video_config or image_config
+        self.config = config  # the model's Qwen2VLConfig: audio settings, when it has an audio encoder
+        self.preprocessor = dict(preprocessor or {})
+        self.kept_files = dict(kept_files or {})
         self.pad_token_id = self.token_id(PAD_TOKEN)
         self.image_token_id = self.token_id(IMAGE_PAD)
         self.video_token_id = self.token_id(VIDEO_PAD)
+        self.audio_token_id = self.token_id(AUDIO_PAD)
+        if config is not None and config.audio is not None and self.audio_token_id != config.audio_token_id:
+            raise ValueError(f"tokenizer gives <|audio_pad|> id {self.audio_token_id}, the model expects {config.audio_token_id}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Processor":
+    def from_pretrained(cls, path: str | Path, config=None) -> "Processor":
+        """The processor of a checkpoint folder; `config` (a Qwen2VLConfig) overrides its config.json."""
+        from .qwen2vl_config import Qwen2VLConfig
+
         path = Path(path)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -46,9 +65,26 @@ class Processor:
             f = path / name
             return json.loads(f.read_text()) if f.is_file() else None
 
-        image_cfg = VisionPreprocessConfig.from_dict(read("preprocessor_config.json") or {})
+        pre = read("preprocessor_config.json") or {}
         video = read("video_preprocessor_config.json")
-        return cls(tokenizer, image_cfg, VisionPreprocessConfig.from_dict(video) if video else image_cfg)
+        if config is None and (path / "config.json").is_file():
+            config = Qwen2VLConfig.from_pretrained(path)
+        kept = {n: (path / n).read_text() for n in KEPT_FILES if (path / n).is_file()}
+        return cls(tokenizer, VisionPreprocessConfig.from_dict(pre), VisionPreprocessConfig.from_dict(video) if video else None,
+                   config, pre, kept)
+
+    @property
+    def feature_size(self) -> int | None:
+        """Mel bins the saved preprocessor config declares (None if it declares none)."""
+        return self.preprocessor.get("feature_size")
+
+    def files(self) -> dict[str, str]:
+        """The files that reproduce this processor in a saved checkpoint folder."""
+        pre = dict(self.preprocessor)
+        if self.config is not None and self.config.audio is not None:
+            pre.update(feature_size=self.config.audio.num_mel_bins, sampling_rate=SAMPLE_RATE, n_fft=400, hop_length=160,
+                       chunk_length=30, n_samples=480_000, nb_max_frames=3000)
+        return {**self.kept_files, "tokenizer.json": self.tokenizer.to_str(), "preprocessor_config.json": json.dumps(pre, indent=2)}
 
     def token_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
@@ -63,17 +99,16 @@ class Processor:
         if not tokenize:
             return text
         media = chat_template.media_items(messages)
-        return self(text=[text], images=media["image"] or None, videos=media["video"] or None)
+        return self(text=[text], images=media["image"] or None, videos=media["video"] or None, audios=media["audio"] or None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- everything -----------------------------------------------------------------------------------
-    def __call__(self, text, images=None, videos=None, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    def __call__(self, text, images=None, videos=None, audios=None, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
         texts = [text] if isinstance(text, str) else list(text)
-        images = list(images or [])
-        videos = list(videos or [])
-        for kind, pad, given in (("image", IMAGE_PAD, images), ("video", VIDEO_PAD, videos)):
+        images, videos, audios = list(images or []), list(videos or []), list(audios or [])
+        for kind, pad, given in (("image", IMAGE_PAD, images), ("video", VIDEO_PAD, videos), ("audio", AUDIO_PAD, audios)):
             n = sum(t.count(pad) for t in texts)
             if n != len(given):
                 raise ValueError(f"the prompt has {n} {kind} placeholder(s) ({pad}) but {len(given)} {kind}(s) were given")
@@ -89,15 +124,34 @@ class Processor:
             out[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
             merge = cfg.merge_size**2
             counts[kind] = [t * h * w // merge for t, h, w in grids]
+        if audios:
+            out["input_features"], out["audio_valid_frames"], counts["audio"] = self._audio(audios)
 
         expanded = [self._expand(t, counts) for t in texts]
         out.update(self._tokenize(expanded))
         return out
 
+    def _audio(self, audios: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Clips → log-mel windows, valid frames per window, and LLM tokens per clip."""
+        cfg = self.config
+        if cfg is None or cfg.audio is None:
+            raise ValueError("audio was given but this model has no audio encoder (load it with qva.load(..., whisper=PATH))")
+        waves = []
+        for a in audios:  # a path, (array, sample_rate), or an array already at 16 kHz
+            waves.append(load_audio(*a) if isinstance(a, tuple) else load_audio(a, None if isinstance(a, (str, Path)) else SAMPLE_RATE))
+        per_clip = []
+        feats, valid = [], []
+        for w in waves:
+            f, v = log_mel(w, cfg.audio.num_mel_bins)
+            feats.append(f)
+            valid.append(v)
+            per_clip.append(sum(audio_token_count(n, cfg.audio_frames, cfg.audio_pool) for n in v.tolist()))
+        return torch.cat(feats), torch.cat(valid), per_clip
+
     @staticmethod
     def _expand(text: str, counts: dict[str, list[int]]) -> str:
-        """Repeat each placeholder once per vision token, consuming the per-item counts in order."""
-        for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
+        """Repeat each placeholder once per feature row, consuming the per-item counts in order."""
+        for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD), ("audio", AUDIO_PAD)):
             if kind not in counts:
                 continue
             pieces = text.split(pad)

@@ -1,4 +1,4 @@
-"""Qwen2-VL configuration, read from either `config.json` layout.
+"""Qwen2-VL configuration (plus the optional Whisper graft), read from either `config.json` layout.
 
 The Hub's checkpoints use the flat v4 layout (LLM fields at top level, `rope_scaling.mrope_section`,
 `vision_config.in_chans`); transformers 5 writes a nested one (`text_config` with `rope_parameters`,
@@ -13,7 +13,11 @@ from pathlib import Path
 
 from weights_loader import CheckpointError, read_config
 
+from .whisper_encoder import WhisperEncoderConfig
+
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+AUDIO_FRAMES = ("valid", "full")
+AUDIO_TOKEN_IDS = {"audio_start_token_id": 151657, "audio_end_token_id": 151658, "audio_token_id": 151659}
 
 
 @dataclass
@@ -67,7 +71,25 @@ class Qwen2VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    initializer_range: float = 0.02
+    # the audio graft (None: a plain Qwen2-VL)
+    audio: WhisperEncoderConfig | None = None
+    audio_frames: str = "valid"  # "valid": encoder frames covering real audio; "full": all 1500 per window
+    audio_pool: int = 1  # average-pool this many encoder frames into one token (2 = Qwen2-Audio's 25 tokens/s)
+    audio_start_token_id: int = 151657
+    audio_end_token_id: int = 151658
+    audio_token_id: int = 151659
     raw: dict = field(default_factory=dict, repr=False)  # the file's dict, written back on save
+
+    def with_audio(self, audio: WhisperEncoderConfig | None, frames: str = "valid", pool: int = 1) -> "Qwen2VLConfig":
+        """This config with a Whisper encoder grafted on (validated)."""
+        if frames not in AUDIO_FRAMES:
+            raise ValueError(f"audio_frames must be one of {AUDIO_FRAMES}, got {frames!r}")
+        if not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"audio_pool must be a positive integer, got {pool!r}")
+        from dataclasses import replace
+
+        return replace(self, audio=audio, audio_frames=frames, audio_pool=pool)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2VLConfig":
@@ -129,8 +151,21 @@ class Qwen2VLConfig:
         if vision.hidden_size != text.hidden_size:
             raise CheckpointError(f"{source}: vision_config.hidden_size {vision.hidden_size} != LLM hidden_size {text.hidden_size}")
         tie = d.get("tie_word_embeddings", text_src.get("tie_word_embeddings", False))
-        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in d}
-        return cls(text=text, vision=vision, tie_word_embeddings=bool(tie), raw=dict(d), **ids)
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", *AUDIO_TOKEN_IDS)
+        ids = {k: d[k] for k in keys if k in d}
+        init = d.get("initializer_range", text_src.get("initializer_range", 0.02))
+        cfg = cls(text=text, vision=vision, tie_word_embeddings=bool(tie), initializer_range=init, raw=dict(d), **ids)
+        if d.get("has_audio_encoder"):
+            if "audio_config" not in d:
+                raise CheckpointError(f"{source}: has_audio_encoder is true but there is no audio_config")
+            audio = WhisperEncoderConfig.from_dict(d["audio_config"], f"{source} audio_config")
+            if d.get("audio_hidden_size", audio.d_model) != audio.d_model:
+                raise CheckpointError(f"{source}: audio_hidden_size {d['audio_hidden_size']} != audio_config.d_model {audio.d_model}")
+            try:
+                cfg = cfg.with_audio(audio, d.get("audio_frames", "valid"), d.get("audio_pool", 1))
+            except ValueError as e:
+                raise CheckpointError(f"{source}: {e}") from None
+        return cfg
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Qwen2VLConfig":
@@ -153,4 +188,14 @@ class Qwen2VLConfig:
         vd = {k: val for k, val in asdict(v).items() if k != "rope_theta"}
         vd["in_chans"] = vd.pop("in_channels")
         out["vision_config"] = vd
+        out["initializer_range"] = self.initializer_range
+        for k in ("has_audio_encoder", "audio_config", "audio_hidden_size", "audio_frames", "audio_pool", *AUDIO_TOKEN_IDS):
+            out.pop(k, None)
+        out["has_audio_encoder"] = self.audio is not None
+        if self.audio is not None:
+            out.update(
+                audio_config=self.audio.to_dict(), audio_hidden_size=self.audio.d_model,
+                audio_frames=self.audio_frames, audio_pool=self.audio_pool,
+                **{k: getattr(self, k) for k in AUDIO_TOKEN_IDS},
+            )
         return out

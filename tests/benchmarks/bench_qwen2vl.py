@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
-from qva.qwen2vl import Qwen2VL  # noqa: E402
+from qva.model import QVAModel  # noqa: E402
 from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
 from weights_loader.writer import save_checkpoint  # noqa: E402
 
@@ -44,7 +44,7 @@ def write_2b(folder: Path, layers: int, vision_layers: int) -> Path:
     config["num_hidden_layers"] = layers
     config["vision_config"]["depth"] = vision_layers
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Qwen2VL(Qwen2VLConfig.from_dict(config)).state_dict().items() if k != "lm_head.weight"}
+        shapes = {k: v.shape for k, v in QVAModel(Qwen2VLConfig.from_dict(config)).state_dict().items() if k != "lm_head.weight"}
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for name, shape in shapes.items():
@@ -54,11 +54,11 @@ def write_2b(folder: Path, layers: int, vision_layers: int) -> Path:
 
 
 COLD_IMPORTS = {
-    "qva": "from qva.qwen2vl import Qwen2VL",
+    "qva": "from qva.model import QVAModel",
     "transformers": "from transformers import Qwen2VLForConditionalGeneration",
 }
 COLD_BODY = {
-    "qva": "model = Qwen2VL.from_pretrained(PATH, dtype=torch.float32)",
+    "qva": "model = QVAModel.from_pretrained(PATH, dtype=torch.float32)",
     "transformers": "model = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.float32, attn_implementation='sdpa').eval()",
 }
 FIRST_FORWARD = """
@@ -89,7 +89,7 @@ def main() -> None:
     cold = {w: cold_run(COLD_IMPORTS[w], COLD_BODY[w] + FIRST_FORWARD, ckpt) for w in ("transformers", "qva")}
     rows.append(("cold start: bf16 → fp32 load + 64-token forward", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
-    ours = Qwen2VL.from_pretrained(ckpt, dtype=torch.float32)
+    ours = QVAModel.from_pretrained(ckpt, dtype=torch.float32)
     ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(0)
     errs = {}

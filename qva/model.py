@@ -1,8 +1,13 @@
-"""Qwen2-VL: vision tower + Qwen2 LLM with M-RoPE, loaded straight from Hugging Face safetensors.
+"""The qva model: Qwen2-VL (vision tower + Qwen2 LLM with M-RoPE) with an optional Whisper audio graft.
 
-Attribute names equal the checkpoints' legacy key prefixes (`visual.*`, `model.*`, `lm_head`), so the
-state dict maps one-to-one onto the files. With tied embeddings (the 2B model) `lm_head.weight` is the
-embedding matrix itself and is not stored.
+Attribute names equal the checkpoints' key prefixes: `visual.*`, `model.*`, `lm_head` (Qwen2-VL's legacy
+names) and `audio_encoder.*` (HF `WhisperEncoder` sub-names), `audio_projector.weight` for the graft, so
+the state dict maps one-to-one onto the files. With tied embeddings (the 2B model) `lm_head.weight` is
+the embedding matrix itself and is not stored.
+
+Audio: log-mel windows → Whisper encoder (always on padded 30 s windows, as it was trained) → keep the
+frames `audio_frames` selects, average-pool by `audio_pool` → `audio_projector` → rows that replace the
+`<|audio_pad|>` tokens, in the same fused merge as image and video rows.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
 
+from .audio import audio_token_count
 from .merge import merge_embeddings
 from .qwen2 import Qwen2Model
 from .qwen2vl_config import Qwen2VLConfig
 from .rope_index import rope_index
 from .vision import VisionTransformer
+from .whisper_encoder import WhisperEncoder
 
 
 @dataclass
@@ -28,7 +36,7 @@ class ModelOutput:
     rope_deltas: torch.Tensor  # [B, 1]: decode position = cache length + delta
 
 
-class Qwen2VL(nn.Module):
+class QVAModel(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
         self.config = cfg
@@ -37,6 +45,8 @@ class Qwen2VL(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.audio_encoder = WhisperEncoder(cfg.audio) if cfg.audio else None
+        self.audio_projector = nn.Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=False) if cfg.audio else None
 
     # -- inputs ---------------------------------------------------------------------------------------
     def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
@@ -60,6 +70,23 @@ class Qwen2VL(nn.Module):
             start += n
         return out
 
+    def audio_features(self, input_features: torch.Tensor, audio_valid_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel windows `[W, mels, 3000]` + valid mel frames per window `[W]` → LLM rows `[Σ tokens, D]`."""
+        cfg = self.config
+        if self.audio_encoder is None:
+            raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
+        states = self.audio_encoder(input_features)  # [W, 1500, d_audio]
+        if cfg.audio_pool > 1:  # [W, ceil(1500 / pool), d_audio]
+            states = F.avg_pool1d(states.transpose(1, 2), cfg.audio_pool, cfg.audio_pool, ceil_mode=True).transpose(1, 2)
+        windows, per_window, d = states.shape
+        valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [2 * cfg.audio.max_source_positions] * windows
+        if len(valid) != windows:
+            raise ValueError(f"audio_valid_frames has {len(valid)} entries for {windows} input_features windows")
+        counts = [audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid]
+        index = torch.cat([w * per_window + torch.arange(n) for w, n in enumerate(counts)])  # built on the host
+        rows = states.reshape(windows * per_window, d)[index.to(states.device)]  # [Σ tokens, d_audio]
+        return self.audio_projector(rows.to(self.audio_projector.weight.dtype))
+
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         cfg = self.config
         return rope_index(
@@ -76,11 +103,15 @@ class Qwen2VL(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        audio_valid_frames: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         rope_deltas: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Logits for a batch of prompts (left-padded), with any images and videos they reference."""
+        """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference."""
         features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if input_features is not None:
+            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames)))
         embeds = merge_embeddings(input_ids, self.model.embed_tokens(input_ids), features)
         if position_ids is None:
             position_ids, rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw)
@@ -91,20 +122,27 @@ class Qwen2VL(nn.Module):
 
     # -- loading --------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "Qwen2VL":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "QVAModel":
         """Load a Qwen2-VL checkpoint folder (Hub or transformers 5 layout, single or sharded)."""
         cfg = Qwen2VLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(cfg)
         with Checkpoint(path) as ckpt:
             load_weights(model, ckpt, dtype=dtype, device=device)
+        assert_materialized(model, str(path))
         return model.eval()
 
 
-def load_weights(model: Qwen2VL, ckpt: Checkpoint, dtype=None, device=None, ignore=None) -> None:
-    """Assign the Qwen2-VL tensors of `ckpt` to a meta-built `model` (visual, LLM, untied lm_head)."""
+AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
+
+
+def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True) -> None:
+    """Assign the tensors of `ckpt` to a meta-built `model`: visual, LLM, untied lm_head and, unless
+    `with_audio=False` (a fresh graft, whose audio parts come from elsewhere), the audio encoder and projector."""
     tied = model.config.tie_word_embeddings
     skip = {"lm_head.weight"} if tied else set()
+    if not with_audio:
+        skip |= {n for n in model.state_dict() if n.startswith(AUDIO_PREFIXES)}
     extra = lambda n: (tied and n == "lm_head.weight") or (ignore is not None and ignore(n))  # noqa: E731
     if not tied and "lm_head.weight" not in ckpt:
         raise CheckpointError(
@@ -113,4 +151,3 @@ def load_weights(model: Qwen2VL, ckpt: Checkpoint, dtype=None, device=None, igno
     load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    assert_materialized(model, str(ckpt.path))

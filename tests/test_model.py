@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, tiny_qwen2vl, write_hub_layout
 
-from qva.qwen2vl import Qwen2VL
+from qva.model import QVAModel
 from weights_loader import CheckpointError
 
 TOL = 1e-4
@@ -37,7 +37,7 @@ def reference_logits(ref, input_ids, attention_mask=None, **media):
         return ref(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types, **media).logits
 
 
-def assert_parity(ours: Qwen2VL, ref, input_ids, attention_mask=None, **media) -> float:
+def assert_parity(ours: QVAModel, ref, input_ids, attention_mask=None, **media) -> float:
     with torch.no_grad():
         got = ours(input_ids, attention_mask=attention_mask, **media).logits
     want = reference_logits(ref, input_ids, attention_mask, **media)
@@ -53,7 +53,7 @@ def tied(tmp_path_factory):
     ref = tiny_qwen2vl(seed=0, tie=True).eval()
     saved = tmp_path_factory.mktemp("tied")
     ref.save_pretrained(saved)
-    return ref, Qwen2VL.from_pretrained(saved), saved
+    return ref, QVAModel.from_pretrained(saved), saved
 
 
 def test_text_only(tied):
@@ -115,7 +115,7 @@ def test_hub_layout_flat_config_sharded_tied(tied, tmp_path):
     assert (hub / "model.safetensors.index.json").is_file()
     index = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in index and len(set(index.values())) > 1
-    ours = Qwen2VL.from_pretrained(hub)
+    ours = QVAModel.from_pretrained(hub)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     px, grid = pixels([[1, 4, 6]], seed=6)
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]), 3838)])
@@ -125,7 +125,7 @@ def test_hub_layout_flat_config_sharded_tied(tied, tmp_path):
 def test_untied_lm_head(tmp_path):
     ref = tiny_qwen2vl(seed=7, tie=False).eval()
     ref.save_pretrained(tmp_path)
-    ours = Qwen2VL.from_pretrained(tmp_path)
+    ours = QVAModel.from_pretrained(tmp_path)
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
     px, grid = pixels([[1, 2, 2]], seed=8)
@@ -138,7 +138,7 @@ def test_untied_lm_head(tmp_path):
     ck = Checkpoint(tmp_path)
     save_checkpoint(tmp_path / "nolm", {n: ck.read(n) for n in ck.names() if n != "lm_head.weight"}, cfg)
     with pytest.raises(CheckpointError, match="tie_word_embeddings=false but there is no lm_head.weight"):
-        Qwen2VL.from_pretrained(tmp_path / "nolm")
+        QVAModel.from_pretrained(tmp_path / "nolm")
 
 
 def test_wrong_patch_order_or_positions_are_caught(tied):
@@ -157,7 +157,7 @@ def test_wrong_patch_order_or_positions_are_caught(tied):
 
 def test_bf16_close_to_fp32(tied, tmp_path):
     _, ours32, saved = tied
-    ours16 = Qwen2VL.from_pretrained(saved, dtype=torch.bfloat16)
+    ours16 = QVAModel.from_pretrained(saved, dtype=torch.bfloat16)
     assert ours16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     px, grid = pixels([[1, 4, 4]], seed=10)
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374)])
@@ -174,7 +174,7 @@ def test_unsupported_model_type(tied, tmp_path):
     cfg = json.loads((saved / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_5_vl"}))
     with pytest.raises(CheckpointError, match="qwen2_5_vl.*not supported.*qwen2_vl"):
-        Qwen2VL.from_pretrained(tmp_path)
+        QVAModel.from_pretrained(tmp_path)
 
 
 def test_bad_pixel_shapes(tied):

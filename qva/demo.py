@@ -48,3 +48,71 @@ def write_tiny_whisper(
         "scale_embedding": False, "torch_dtype": str(dtype).removeprefix("torch."),
     }
     return save_checkpoint(folder, tensors, config)
+
+
+# -- a tiny Qwen2-VL in the Hub's layout, with a tokenizer that has Qwen2-VL's special-token ids -----------
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_REGULAR_TOKENS = 151_643
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values (the byte-level BPE alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+def demo_tokenizer():
+    """A byte-level BPE tokenizer laid out like Qwen2-VL's: 151 643 regular ids (the 256 bytes, then unused
+    placeholders), the 14 special tokens at 151643–151656. Real text round-trips, one token per byte."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    vocab.update({f"<|unused_{i}|>": i for i in range(256, QWEN_REGULAR_TOKENS)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    return tok
+
+
+def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-weight Qwen2-VL as the Hub stores it: flat config, tied embeddings (no lm_head), tokenizer."""
+    import json
+
+    from .model import QVAModel
+    from .qwen2vl_config import Qwen2VLConfig
+
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_act": "silu",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True, "torch_dtype": str(dtype).removeprefix("torch."), "vocab_size": 151936,
+        "use_sliding_window": False, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 4, "in_chans": 3, "hidden_size": 64,
+                          "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+    model = QVAModel(Qwen2VLConfig.from_dict(config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_gain = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight", "layernorm.weight"))
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if is_gain else 0.1 * torch.randn(p.shape, generator=g))
+    tensors = {n: t.to(dtype) for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    files = {
+        "tokenizer.json": demo_tokenizer().to_str(),
+        "preprocessor_config.json": json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 64, "patch_size": 14,
+                                                "temporal_patch_size": 2, "merge_size": 2}),
+    }
+    return save_checkpoint(folder, tensors, config, files)

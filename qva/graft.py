@@ -37,10 +37,12 @@ def load(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    progress=None,
 ) -> QVAModel:
     """Load a Qwen2-VL checkpoint, grafting the encoder of the Whisper checkpoint `whisper` if given,
     or a folder written by `save`. The returned model carries `model.processor` when the folder has a
-    tokenizer. A fresh projector is drawn from N(0, initializer_range) with `seed`."""
+    tokenizer. A fresh projector is drawn from N(0, initializer_range) with `seed`. `progress(done, total)`
+    is called as tensors load."""
     path = Path(path)
     cfg = Qwen2VLConfig.from_pretrained(path)
     fresh_graft = whisper is not None
@@ -58,7 +60,7 @@ def load(
     with torch.device("meta"):
         model = QVAModel(cfg)
     with Checkpoint(path) as ckpt:
-        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft)
+        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress)
     if fresh_graft:
         model.audio_encoder = WhisperEncoder.from_pretrained(whisper, dtype=dtype or model.lm_head.weight.dtype, device=device)
         g = torch.Generator().manual_seed(seed)

@@ -95,6 +95,25 @@ class QVAModel(nn.Module):
             spatial_merge_size=cfg.vision.spatial_merge_size,
         )
 
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        audio_valid_frames: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM's inputs for a prompt batch: embeddings `[B, S, D]`, positions `[3, B, S]`, rope deltas `[B, 1]`."""
+        features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if input_features is not None:
+            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames)))
+        embeds = merge_embeddings(input_ids, self.model.embed_tokens(input_ids), features)
+        position_ids, rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        return embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -106,19 +125,22 @@ class QVAModel(nn.Module):
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        rope_deltas: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference."""
-        features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if input_features is not None:
-            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames)))
-        embeds = merge_embeddings(input_ids, self.model.embed_tokens(input_ids), features)
-        if position_ids is None:
-            position_ids, rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        embeds, default_positions, rope_deltas = self.embed_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            input_features, audio_valid_frames,
+        )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
-        hidden = self.model(embeds, position_ids, attention_mask)
+        hidden = self.model(embeds, default_positions if position_ids is None else position_ids, attention_mask)
         return ModelOutput(logits=self.lm_head(hidden), rope_deltas=rope_deltas)
+
+    def generate(self, **kwargs):
+        """Greedy or sampled generation with a static KV cache: see `qva.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, **kwargs)
 
     # -- loading --------------------------------------------------------------------------------------
     @classmethod
@@ -136,7 +158,7 @@ class QVAModel(nn.Module):
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
 
 
-def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True) -> None:
+def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True, progress=None) -> None:
     """Assign the tensors of `ckpt` to a meta-built `model`: visual, LLM, untied lm_head and, unless
     `with_audio=False` (a fresh graft, whose audio parts come from elsewhere), the audio encoder and projector."""
     tied = model.config.tie_word_embeddings
@@ -148,6 +170,6 @@ def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ign
         raise CheckpointError(
             f"{ckpt.path}: config says tie_word_embeddings=false but there is no lm_head.weight"
         )
-    load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device)
+    load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device, progress=progress)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

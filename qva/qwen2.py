@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .kv_cache import KVCache
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
 
@@ -40,11 +41,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * hd)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, slots=None, kv_len: int = 0) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
         k = rearrange(self.k_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
         v = rearrange(self.v_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # attend over everything cached so far, this step included
+            k, v = cache.update(layer, slots, k, v, kv_len)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.heads != self.kv_heads
         )
@@ -72,8 +75,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, **cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache_args)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,11 +100,28 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """embeds `[B, S, D]`, positions `[3, B, S]` → hidden `[B, S, D]`.
+
+        Without a cache: causal attention over the S tokens (`attention_mask` `[B, S]` marks padding).
+        With a cache: the S tokens go to cache `slots` `[S]` and attend to the cache's first
+        `kv_mask.shape[-1]` slots as `kv_mask` `[B, 1, S, kv_len]` allows.
+        """
         cfg = self.config
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, inputs_embeds.dtype)
-        mask = None if attention_mask is None else causal_padding_mask(attention_mask)
+        if cache is None:
+            mask, cache_args = (None if attention_mask is None else causal_padding_mask(attention_mask)), {}
+        else:
+            mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
         return self.norm(x)

@@ -41,6 +41,7 @@ def load_into(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Assign every parameter/buffer of `module` from `checkpoint` and return the names that were loaded.
 
@@ -50,7 +51,7 @@ def load_into(
     fills itself (tied weights). Floating tensors are cast to `dtype`; integer ones keep theirs.
 
     Missing, unexpected and shape-mismatched tensors are reported together in one `CheckpointError`
-    (with `strict=False`, only shape mismatches raise).
+    (with `strict=False`, only shape mismatches raise). `progress(done, total)` is called per tensor.
     """
     rename = rename or (lambda n: n)
     wanted = {n: t for n, t in expected_tensors(module).items() if n not in skip}
@@ -83,13 +84,14 @@ def load_into(
         )
 
     loaded = []
-    for n, src in source.items():
-        if src not in checkpoint:
-            continue
+    todo = [(n, src) for n, src in source.items() if src in checkpoint]
+    for n, src in todo:
         stored = checkpoint.info(src).dtype
         cast = dtype if (dtype is not None and stored.is_floating_point) else None
         _set_tensor(module, n, checkpoint.read(src, dtype=cast, device=device))
         loaded.append(n)
+        if progress is not None:
+            progress(len(loaded), len(todo))
     return loaded
 
 

@@ -59,7 +59,7 @@ def main() -> None:
     whisper = cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers))
     load = cold_run("import qva", f"""
 model = qva.load(PATH, whisper={str(whisper)!r}, dtype=torch.bfloat16)
-result["model_bytes"] = sum(t.numel() * t.element_size() for t in {{id(t): t for t in model.state_dict().values()}}.values())
+result["model_bytes"] = sum(t.numel() * t.element_size() for t in {{t.data_ptr(): t for t in model.state_dict().values()}}.values())  # tied weights once
 """, qwen)
 
     rows = []

@@ -1,0 +1,158 @@
+"""`qva-generate`: stream an answer to a prompt with any mix of images, video and audio.
+
+    qva-generate --model Qwen2-VL-2B-Instruct --whisper whisper-large-v3-turbo \\
+                 --image cat.jpg --audio question.flac --prompt "Answer the question about the picture."
+    qva-generate --demo          # a tiny random-weight model, no downloads: shows the whole pipeline
+
+Videos are a folder of frames (sorted by name) or an animated GIF/WebP (decoded with Pillow); for
+other formats extract frames first, e.g. `ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, no traceback."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qva-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="Qwen2-VL checkpoint folder, or a saved qva graft")
+    p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
+    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", type=Path, help="folder of frames, or an animated GIF/WebP")
+    p.add_argument("--audio", type=Path, action="append", default=[], help="audio file (repeatable)")
+    p.add_argument("--prompt", help="the user's text")
+    p.add_argument("--system", help="system prompt (default: Qwen2-VL's)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--demo", action="store_true", help="run on a tiny random-weight model (no weights needed)")
+    return p.parse_args(argv)
+
+
+def progress_bar(done: int, total: int) -> None:
+    filled = 30 * done // max(total, 1)
+    print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} tensors", end="", file=sys.stderr, flush=True)
+
+
+def video_frames(path: Path) -> list:
+    from PIL import Image, ImageSequence
+
+    if path.is_dir():
+        return [path]  # the processor reads a folder of frames itself
+    if not path.is_file():
+        raise UserError(f"{path}: no such video")
+    try:
+        with Image.open(path) as im:
+            frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+    except OSError:
+        raise UserError(f"{path}: cannot decode (give a folder of frames or an animated GIF/WebP; e.g. ffmpeg -i in.mp4 frames/%04d.png)") from None
+    return [frames]
+
+
+def demo_inputs(args) -> None:
+    """Write (once) a tiny random Qwen2-VL + Whisper in the Hub's layouts; synthesise an image and a clip."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image, ImageDraw
+
+    from .demo import cache_dir, write_tiny_qwen2vl, write_tiny_whisper
+
+    root = cache_dir() / "demo"
+    if not (root / "qwen2-vl" / "config.json").is_file():
+        write_tiny_qwen2vl(root / "qwen2-vl")
+    if not (root / "whisper" / "config.json").is_file():
+        write_tiny_whisper(root / "whisper")
+    img = Image.new("RGB", (224, 168), (40, 90, 160))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((60, 30, 160, 130), fill=(240, 200, 40))
+    draw.rectangle((10, 120, 214, 160), fill=(30, 140, 60))
+    img.save(root / "picture.png")
+    t = np.arange(3 * 16000) / 16000
+    speech = 0.3 * np.sin(2 * math.pi * 150 * t * (1 + 0.2 * np.sin(2 * math.pi * 3 * t))) * (0.6 + 0.4 * np.sin(2 * math.pi * 4 * t))
+    sf.write(str(root / "speech.wav"), speech.astype(np.float32), 16000)
+    args.model, args.whisper = root / "qwen2-vl", root / "whisper"
+    args.image, args.audio = [root / "picture.png"], [root / "speech.wav"]
+    args.prompt = args.prompt or "Describe the picture, then answer the spoken question."
+    args.max_new_tokens = min(args.max_new_tokens, 24)
+    print("qva demo: tiny model with RANDOM weights — the pipeline is real, the answer is noise.", file=sys.stderr)
+
+
+def run(args) -> None:
+    import qva
+
+    from .generate import stream_text
+
+    if args.demo:
+        demo_inputs(args)
+    if args.model is None or args.prompt is None:
+        raise UserError("--model and --prompt are required (or use --demo)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available on this machine")
+    if not args.model.is_dir():
+        raise UserError(f"{args.model}: no such model folder")
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model}" + (f" + {args.whisper}" if args.whisper else "") + " ...", file=sys.stderr, flush=True)
+    model = qva.load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar)
+    if model.processor is None:
+        raise UserError(f"{args.model}: no tokenizer.json in the model folder")
+    print(f"\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    content = [{"type": "image", "image": p} for p in args.image]
+    if args.video:
+        content += [{"type": "video", "video": v} for v in video_frames(args.video)]
+    content += [{"type": "audio", "audio": a} for a in args.audio]
+    content.append({"type": "text", "text": args.prompt})
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
+    inputs = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    inputs = {k: (v.to(args.device) if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+    n_prompt = inputs["input_ids"].shape[1]
+
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+    stats: dict = {}
+    t_start = time.perf_counter()
+    for piece in stream_text(model, model.processor, inputs, stats, max_new_tokens=args.max_new_tokens, compile=args.compile, **sampling):
+        print(piece, end="", flush=True)
+    t_end = time.perf_counter()
+    print()
+    n_new, t_first = stats.get("tokens", 0), stats.get("first_token_at", t_end)
+    decode = (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else float("nan")
+    print(f"prompt {n_prompt} tokens, {n_new} new; prefill {n_prompt / (t_first - t_start):.1f} tok/s, decode {decode:.1f} tok/s",
+          file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from weights_loader import CheckpointError
+
+    from .audio import AudioError
+    from .image_processing import ImageError
+
+    try:
+        run(args)
+    except (UserError, CheckpointError, AudioError, ImageError, FileNotFoundError, ValueError) as e:
+        print(f"qva-generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Generation: greedy parity with transformers' `generate`, the audio graft, compiled decoding, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, need_shared, tiny_qwen2vl
+from test_graft import Reference, audio_block, audio_prompt, speechlike
+from test_model import pixels, prompt, vision_block
+
+import qva
+import qva.generate as gen
+from qva.audio import log_mel
+from qva.model import QVAModel
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = tiny_qwen2vl(seed=11, tie=True).eval()
+    ref.generation_config.eos_token_id = None  # run all 32 steps on both sides
+    ref.generation_config.pad_token_id = 151643
+    folder = tmp_path_factory.mktemp("gen")
+    ref.save_pretrained(folder)
+    return ref, QVAModel.from_pretrained(folder), folder
+
+
+def reference_generate(ref, ids, mask=None, **media):
+    types = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()
+    with torch.no_grad():
+        return ref.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids), mm_token_type_ids=types,
+                            max_new_tokens=N, do_sample=False, **media)
+
+
+def check(pair, ids, mask=None, **media):
+    ref, ours, _ = pair
+    want = reference_generate(ref, ids, mask, **media)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, eos_token_id=[], **media)
+    assert got.shape == want.shape == (ids.shape[0], ids.shape[1] + N)
+    assert got.tolist() == want.tolist()
+    assert len(set(got[0, ids.shape[1]:].tolist())) >= 2  # not a single token repeated 32 times
+
+
+def test_greedy_text(pair):
+    check(pair, torch.tensor([prompt(9707, 11, 1879, 0, 358, 1079)]))
+
+
+def test_greedy_one_image(pair):
+    px, grid = pixels([[1, 4, 6]], seed=1)
+    check(pair, torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]), 3838, 374)]), pixel_values=px, image_grid_thw=grid)
+
+
+def test_greedy_one_video(pair):
+    px, grid = pixels([[2, 4, 4]], seed=2)
+    check(pair, torch.tensor([prompt(vision_block(VIDEO_PAD, [2, 4, 4]), 3838)]), pixel_values_videos=px, video_grid_thw=grid)
+
+
+def test_wrong_decode_positions_are_caught(pair, monkeypatch):
+    """The parity above is sensitive to decode positions: an off-by-3 rope delta changes the tokens."""
+    _, ours, _ = pair
+    px, grid = pixels([[1, 4, 6]], seed=1)
+    ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]), 3838, 374)])
+    right = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=N, eos_token_id=[])
+    embed = ours.embed_inputs
+    monkeypatch.setattr(ours, "embed_inputs", lambda *a, **k: (lambda e, p, d: (e, p, d + 3))(*embed(*a, **k)))
+    wrong = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=N, eos_token_id=[])
+    assert wrong.tolist() != right.tolist()
+
+
+def test_greedy_left_padded_batch(pair):
+    px, grid = pixels([[1, 4, 4]], seed=3)
+    long = prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419)
+    short = prompt(9707, 1879)
+    pad = len(long) - len(short)
+    ids = torch.tensor([long, [151643] * pad + short])
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    check(pair, ids, mask, pixel_values=px, image_grid_thw=grid)
+
+
+def test_greedy_audio_against_graft_reference(tmp_path):
+    """The graft reference has no generate(): a greedy loop re-running its full forward each step."""
+    import transformers
+
+    from conftest import perturb_
+
+    ref_qwen = tiny_qwen2vl(seed=12).eval()
+    ref_qwen.save_pretrained(tmp_path / "q")
+    wcfg = transformers.WhisperConfig(num_mel_bins=80, d_model=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=128,
+                                      max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    torch.manual_seed(2)
+    whisper = perturb_(transformers.WhisperForConditionalGeneration(wcfg), 2)
+    whisper.save_pretrained(tmp_path / "w")
+    model = qva.load(tmp_path / "q", whisper=tmp_path / "w", seed=0)
+    ref = Reference(ref_qwen, whisper.model.encoder, model.audio_projector.weight.detach())
+    feats, valid = log_mel([speechlike(2.0, 1)], 80)
+    ids = torch.tensor([audio_prompt(audio_block(100), 3838)])
+    seq = ids
+    for _ in range(N):
+        logits = ref.logits(seq, None, feats, valid.tolist())
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    got = model.generate(input_ids=ids, input_features=feats, audio_valid_frames=valid, max_new_tokens=N, eos_token_id=[])
+    assert got.tolist() == seq.tolist()
+
+
+def test_compiled_decode_matches_eager(pair):
+    _, ours, _ = pair
+    px, grid = pixels([[1, 2, 4]], seed=4)
+    ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 2, 4]), 3838)])
+    eager = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=12, eos_token_id=[])
+    compiled = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=12, eos_token_id=[], compile=True)
+    assert compiled.tolist() == eager.tolist()
+
+
+def test_stops_at_eos_per_row_and_pads(pair):
+    _, ours, _ = pair
+    ids = torch.tensor([prompt(9707, 11), prompt(358, 1079)])
+    free = ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[])
+    stop_tok = int(free[0, ids.shape[1] + 2])  # make row 0's third new token an EOS
+    out = ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=stop_tok, pad_token_id=151643)
+    row0 = out[0, ids.shape[1]:].tolist()
+    first = row0.index(stop_tok)
+    assert all(t == 151643 for t in row0[first + 1:])
+    assert out[1, ids.shape[1]:].tolist()[: first + 1] == free[1, ids.shape[1]:].tolist()[: first + 1]
+
+
+def test_sampling_controls(pair):
+    _, ours, _ = pair
+    ids = torch.tensor([prompt(9707, 11, 1879)])
+    greedy = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=1, seed=5), greedy)
+    a = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=5.0, seed=1)
+    b = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=5.0, seed=1)
+    c = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=5.0, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    tight = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], do_sample=True, top_p=1e-6, seed=3)
+    assert torch.equal(tight, greedy)  # top_p → 0 keeps only the most likely token
+    assert not torch.equal(ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[], repetition_penalty=50.0), greedy)
+
+
+def test_context_limit_is_a_clear_error(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="exceeds the model's context of 4096"):
+        ours.generate(input_ids=torch.zeros(1, 4000, dtype=torch.long), max_new_tokens=200)
+
+
+@need_shared(QWEN_TOKENIZER)
+def test_stream_holds_back_split_utf8(monkeypatch):
+    proc = qva.Processor.from_pretrained(QWEN_TOKENIZER)
+    target = " this is 🦙.cpp 你好"
+    tokens = proc.tokenizer.encode(target, add_special_tokens=False).ids
+    assert [proc.decode([t]) for t in tokens].count("\ufffd") >= 2  # the llama emoji spans 3 byte-level tokens
+    monkeypatch.setattr(gen, "generate_tokens", lambda model, **kw: (torch.tensor([t]) for t in tokens + [151645, 42]))
+    pieces = list(gen.stream_text(None, proc, {"input_ids": torch.zeros(1, 1, dtype=torch.long)}))
+    assert "".join(pieces) == target
+    assert not any("\ufffd" in p for p in pieces)

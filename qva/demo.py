@@ -109,6 +109,12 @@ def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dt
         for name, p in model.named_parameters():
             is_gain = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight", "layernorm.weight"))
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if is_gain else 0.1 * torch.randn(p.shape, generator=g))
+        # tied embeddings: every row but the printable ASCII bytes' is zero, so the random model's
+        # (meaningless) answer prints as visible characters rather than placeholder or special tokens
+        ascii_ids = [i for i, c in enumerate(_byte_alphabet()) if 32 <= ord(c) < 127]
+        keep = torch.zeros(model.model.embed_tokens.weight.shape[0], dtype=torch.bool)
+        keep[ascii_ids] = True
+        model.model.embed_tokens.weight[~keep] = 0
     tensors = {n: t.to(dtype) for n, t in model.state_dict().items() if n != "lm_head.weight"}
     files = {
         "tokenizer.json": demo_tokenizer().to_str(),

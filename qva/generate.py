@@ -105,13 +105,14 @@ def generate_tokens(
 
     embeds, positions, deltas = model.embed_inputs(input_ids, mask, **{k: v for k, v in media.items() if v is not None})
     cfg = model.config.text
-    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, embeds.dtype, device)
+    stored = model.lm_head.weight.dtype
+    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, stored, device)
     key_valid = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
     key_valid[:, :s] = mask.bool()
     prefill_mask = key_valid[:, None, None, :s] & torch.ones(s, s, dtype=torch.bool, device=device).tril()
     prefill_mask = prefill_mask | torch.eye(s, dtype=torch.bool, device=device)  # padded rows: no empty softmax
     hidden = model.model(embeds, positions, cache=cache, slots=torch.arange(s, device=device), kv_mask=prefill_mask)
-    logits = model.lm_head(hidden[:, -1])
+    logits = model.lm_head(hidden[:, -1].to(stored))  # one row per prompt: a matrix-vector product
 
     decoder = Decoder(model, cache, compile)
     real = mask.sum(-1)  # [B] real tokens so far

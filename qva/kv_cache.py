@@ -17,7 +17,8 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v `[B, H, q, e]` at `slots` `[q]`; return the first `kv_len` slots of the buffers."""
-        self.k[layer][:, :, slots] = k
-        self.v[layer][:, :, slots] = v
-        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        """Write k, v `[B, H, q, e]` at `slots` `[q]`; return the first `kv_len` slots of the buffers, in k's
+        dtype (an fp32 prefill over a bf16 cache reads them back as fp32)."""
+        self.k[layer][:, :, slots] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, slots] = v.to(self.v[layer].dtype)
+        return self.k[layer][:, :, :kv_len].to(k.dtype), self.v[layer][:, :, :kv_len].to(v.dtype)

@@ -22,6 +22,7 @@ from torch import nn
 from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
 
 from .audio import audio_token_count
+from .compute_dtype import upcast
 from .merge import merge_embeddings
 from .qwen2 import Qwen2Model
 from .qwen2vl_config import Qwen2VLConfig
@@ -85,7 +86,8 @@ class QVAModel(nn.Module):
         counts = [audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid]
         index = torch.cat([w * per_window + torch.arange(n) for w, n in enumerate(counts)])  # built on the host
         rows = states.reshape(windows * per_window, d)[index.to(states.device)]  # [Σ tokens, d_audio]
-        return self.audio_projector(rows.to(self.audio_projector.weight.dtype))
+        with upcast(self.audio_projector, dtype=rows.dtype):
+            return self.audio_projector(rows)
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         cfg = self.config
@@ -134,7 +136,8 @@ class QVAModel(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
         hidden = self.model(embeds, default_positions if position_ids is None else position_ids, attention_mask)
-        return ModelOutput(logits=self.lm_head(hidden), rope_deltas=rope_deltas)
+        with upcast(self.lm_head, dtype=hidden.dtype):
+            return ModelOutput(logits=self.lm_head(hidden), rope_deltas=rope_deltas)
 
     def generate(self, **kwargs):
         """Greedy or sampled generation with a static KV cache: see `qva.generate.generate`."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .compute_dtype import large_matmul_dtype, upcast
 from .kv_cache import KVCache
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
@@ -116,12 +117,17 @@ class Qwen2Model(nn.Module):
         `kv_mask.shape[-1]` slots as `kv_mask` `[B, 1, S, kv_len]` allows.
         """
         cfg = self.config
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, inputs_embeds.dtype)
+        stored = self.embed_tokens.weight.dtype
+        # prefill (many rows) may run in fp32 over half-precision weights; one-token decoding stays as stored
+        dt = large_matmul_dtype(stored, inputs_embeds.device) if inputs_embeds.shape[1] > 1 else stored
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dt)
         if cache is None:
             mask, cache_args = (None if attention_mask is None else causal_padding_mask(attention_mask)), {}
         else:
             mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
-        x = inputs_embeds
+        x = inputs_embeds.to(dt)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
-        return self.norm(x)
+            with upcast(layer, dtype=dt):
+                x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
+        with upcast(self.norm, dtype=dt):
+            return self.norm(x)

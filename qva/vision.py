@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .compute_dtype import large_matmul_dtype, upcast
 from .mrope import apply_rotary, vision_cos_sin
 from .qwen2vl_config import VisionConfig
 
@@ -146,10 +147,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"pixel_values must be [{n}, {cfg.patch_dim}] for grid_thw {grid}, got {list(pixel_values.shape)}"
             )
-        x = self.patch_embed(pixel_values)
+        w = self.patch_embed.proj.weight
+        dt = large_matmul_dtype(w.dtype, w.device)  # see compute_dtype.py
+        with upcast(self.patch_embed, dtype=dt):
+            x = self.patch_embed(pixel_values.to(dt))
         cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
         cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
         segments = attention_segments(grid)
         for block in self.blocks:
-            x = block(x, cos, sin, segments)
-        return self.merger(x)
+            with upcast(block, dtype=dt):
+                x = block(x, cos, sin, segments)
+        with upcast(self.merger, dtype=dt):
+            return self.merger(x)

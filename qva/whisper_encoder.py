@@ -20,6 +20,8 @@ from torch import nn
 
 from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into, read_config
 
+from .compute_dtype import large_matmul_dtype, upcast
+
 LAYER_NORM_EPS = 1e-5
 ENCODER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
 
@@ -93,7 +95,8 @@ class WhisperEncoderLayer(nn.Module):
 
 
 class WhisperEncoder(nn.Module):
-    """Log-mel windows `[B, n_mels, 3000]` → encoder states `[B, 1500, d_model]`."""
+    """Log-mel windows `[B, n_mels, 3000]` → encoder states `[B, 1500, d_model]` (in the compute dtype:
+    fp32 for bf16/fp16 weights on a CPU without native half-precision matmul)."""
 
     def __init__(self, cfg: WhisperEncoderConfig):
         super().__init__()
@@ -114,13 +117,17 @@ class WhisperEncoder(nn.Module):
                 f"WhisperEncoder: input_features must be [windows, {cfg.num_mel_bins}, {cfg.input_frames}] "
                 f"(log-mel of padded 30 s windows), got {list(features.shape)}"
             )
-        x = features.to(self.conv1.weight.dtype)
-        x = F.gelu(self.conv1(x))  # [B, d, 3000]
-        x = F.gelu(self.conv2(x))  # [B, d, 1500]
-        x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
+        dt = large_matmul_dtype(self.conv1.weight.dtype, self.conv1.weight.device)  # see compute_dtype.py
+        x = features.to(dt)
+        with upcast(self.conv1, self.conv2, self.embed_positions, dtype=dt):
+            x = F.gelu(self.conv1(x))  # [B, d, 3000]
+            x = F.gelu(self.conv2(x))  # [B, d, 1500]
+            x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
         for layer in self.layers:
-            x = layer(x)
-        return self.layer_norm(x)
+            with upcast(layer, dtype=dt):
+                x = layer(x)
+        with upcast(self.layer_norm, dtype=dt):
+            return self.layer_norm(x)
 
     @classmethod
     def from_pretrained(

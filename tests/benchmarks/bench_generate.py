@@ -1,0 +1,124 @@
+"""Generation, side by side in one run: qva vs transformers (sdpa) on a random 2B-shaped Qwen2-VL stored in bf16.
+
+    python tests/benchmarks/bench_generate.py [--layers 4] [--vision-layers 2] [--dtype bf16|fp32] [--device cpu|cuda] [--compile]
+
+Rows: cold load (fresh process, weights kept in the storage dtype) with peak RSS; vision tower on a 448²
+image; prefill of 512 tokens; greedy decode tokens/s at batch 1 and 4 (128 new tokens; decode time =
+time(128 new) − time(1 new), on both sides). Also the decode roofline: LLM bytes read per token ÷ the
+measured memory bandwidth. qva runs with its default compute-dtype policy (fp32 products over bf16
+weights where the CPU has no native bf16 matmul); transformers runs as shipped. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench_qwen2vl import write_2b  # noqa: E402
+from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
+
+from qva.model import QVAModel  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def memory_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Bytes/s read by a reduction over a large fp32 tensor (median of 5)."""
+    x = torch.ones(int(gib * 2**30 / 4), device=device)
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum().item()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / sorted(times[1:])[2]
+
+
+def decode_bytes_per_token(model: QVAModel) -> int:
+    """Weights one decode step reads: every LLM layer, the final norm, and the (tied) head once."""
+    llm = model.model
+    layer_bytes = sum(p.numel() * p.element_size() for p in llm.layers.parameters())
+    head = model.lm_head.weight
+    return layer_bytes + sum(p.numel() * p.element_size() for p in llm.norm.parameters()) + head.numel() * head.element_size()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype both implementations load the weights in")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="qva: compile the decode step")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=Path("bench_results_generate.json"))
+    args = p.parse_args()
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    ckpt = cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
+                             lambda f: write_2b(f, args.layers, args.vision_layers))
+    rows = []
+    cold = {
+        "transformers": cold_run("from transformers import Qwen2VLForConditionalGeneration",
+                                 f"m = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')", ckpt),
+        "qva": cold_run("from qva.model import QVAModel", f"m = QVAModel.from_pretrained(PATH, dtype=torch.{dtype})", ckpt),
+    }
+    rows.append((f"cold load ({args.dtype})", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
+
+    ours = QVAModel.from_pretrained(ckpt, dtype=dtype, device=device)
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 151643
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        grid = torch.tensor([[1, 32, 32]])
+        px = torch.randn(1024, 1176, generator=g).to(device)
+        rows.append(("vision tower, 448² image", *timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), 1)))
+        ids = torch.randint(0, 150_000, (1, 512), generator=g).to(device)
+        rows.append(("prefill, 512 tokens", *timed_pair(lambda: ref(input_ids=ids), lambda: ours(ids), 1)))
+
+        decode = {}
+        for batch in (1, 4):
+            prompt = torch.randint(0, 150_000, (batch, 64), generator=g).to(device)
+
+            def ref_gen(n, prompt=prompt):
+                return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
+
+            def our_gen(n, prompt=prompt):
+                return ours.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=[], compile=args.compile)
+
+            t1 = timed_pair(lambda: ref_gen(1), lambda: our_gen(1), 1)
+            tn = timed_pair(lambda: ref_gen(args.new_tokens), lambda: our_gen(args.new_tokens), 1)
+            steps = args.new_tokens - 1
+            per_tok = ((tn[0] - t1[0]) / steps, (tn[1] - t1[1]) / steps)
+            decode[batch] = {"transformers_tok_s": batch / per_tok[0], "qva_tok_s": batch / per_tok[1]}
+            rows.append((f"decode, batch {batch} (s per step)", *per_tok))
+
+    bw = memory_bandwidth(device)
+    per_token = decode_bytes_per_token(ours)
+    roofline = bw / per_token
+    print_table(rows)
+    for b, d in decode.items():
+        print(f"decode batch {b}: transformers {d['transformers_tok_s']:.2f} tok/s, qva {d['qva_tok_s']:.2f} tok/s")
+    print(f"roofline: {per_token / 1e9:.3f} GB read per token at {bw / 1e9:.1f} GB/s = {roofline:.2f} tok/s; "
+          f"batch-1 decode: transformers {decode[1]['transformers_tok_s'] / roofline:.0%}, qva {decode[1]['qva_tok_s'] / roofline:.0%} of it")
+    print(f"prefill: transformers {512 / rows[2][1]:.1f} tok/s, qva {512 / rows[2][2]:.1f} tok/s")
+    for w in ("transformers", "qva"):
+        print(f"cold load peak RSS, {w:12s}: {cold[w]['peak_rss_over_base'] / 2**20:.0f} MiB")
+    args.json.write_text(json.dumps({"dtype": args.dtype, "device": args.device, "layers": args.layers, "rows": rows_json(rows),
+                                     "decode": decode, "bandwidth_Bps": bw, "bytes_per_token": per_token, "roofline_tok_s": roofline,
+                                     "cold": cold}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

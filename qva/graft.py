@@ -12,7 +12,6 @@ audio tokens; `preprocessor_config.json` (image processor + Whisper feature extr
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -103,3 +103,16 @@ def write_hub_layout(saved_dir: Path, out_dir: Path, max_shard_bytes: int = 20 *
     tensors = {n: ckpt.read(n) for n in ckpt.names() if not (nested["tie_word_embeddings"] and n == "lm_head.weight")}
     save_checkpoint(out_dir, tensors, flat, max_shard_bytes=max_shard_bytes)
     return out_dir
+
+
+def tiny_hf_whisper(seed: int = 1):
+    """A transformers Whisper (80 mels, d_model 48, 2 encoder layers) with large random weights."""
+    import transformers
+
+    cfg = transformers.WhisperConfig(
+        num_mel_bins=80, d_model=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=128, max_target_positions=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return perturb_(transformers.WhisperForConditionalGeneration(cfg), seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, need_shared, tiny_qwen2vl
+from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, need_shared, tiny_hf_whisper, tiny_qwen2vl
 from test_graft import Reference, audio_block, audio_prompt, speechlike
 from test_model import pixels, prompt, vision_block
 
@@ -80,17 +80,9 @@ def test_greedy_left_padded_batch(pair):
 
 def test_greedy_audio_against_graft_reference(tmp_path):
     """The graft reference has no generate(): a greedy loop re-running its full forward each step."""
-    import transformers
-
-    from conftest import perturb_
-
     ref_qwen = tiny_qwen2vl(seed=12).eval()
     ref_qwen.save_pretrained(tmp_path / "q")
-    wcfg = transformers.WhisperConfig(num_mel_bins=80, d_model=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                                      decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=128,
-                                      max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    torch.manual_seed(2)
-    whisper = perturb_(transformers.WhisperForConditionalGeneration(wcfg), 2)
+    whisper = tiny_hf_whisper(seed=2)
     whisper.save_pretrained(tmp_path / "w")
     model = qva.load(tmp_path / "q", whisper=tmp_path / "w", seed=0)
     ref = Reference(ref_qwen, whisper.model.encoder, model.audio_projector.weight.detach())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IMAGE_PAD, JFK, QWEN_TOKENIZER, VISION_END, VISION_START, WHISPER_TINY_EN, need_shared, perturb_, tiny_qwen2vl,
+    IMAGE_PAD, JFK, QWEN_TOKENIZER, VISION_END, VISION_START, WHISPER_TINY_EN, need_shared, tiny_hf_whisper, tiny_qwen2vl,
 )
 
 import qva
@@ -81,13 +81,7 @@ def qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
-    import transformers
-
-    cfg = transformers.WhisperConfig(num_mel_bins=80, d_model=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=128,
-                                     max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    torch.manual_seed(1)
-    whisper = perturb_(transformers.WhisperForConditionalGeneration(cfg), 1)
+    whisper = tiny_hf_whisper(seed=1)
     folder = tmp_path_factory.mktemp("whisper")
     whisper.save_pretrained(folder)
     return whisper.model.encoder, folder

@@ -116,3 +116,11 @@ def tiny_hf_whisper(seed: int = 1):
     )
     torch.manual_seed(seed)
     return perturb_(transformers.WhisperForConditionalGeneration(cfg), seed)
+
+
+def left_padded(rows: list[list[int]], pad_id: int = 151643) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of token rows, left-padded to the longest: (input_ids, attention_mask)."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask

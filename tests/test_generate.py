@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, need_shared, tiny_hf_whisper, tiny_qwen2vl
+from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, left_padded, need_shared, tiny_hf_whisper, tiny_qwen2vl
 from test_graft import Reference, audio_block, audio_prompt, speechlike
 from test_model import pixels, prompt, vision_block
 
@@ -70,11 +70,8 @@ def test_wrong_decode_positions_are_caught(pair, monkeypatch):
 
 def test_greedy_left_padded_batch(pair):
     px, grid = pixels([[1, 4, 4]], seed=3)
-    long = prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419)
-    short = prompt(9707, 1879)
-    pad = len(long) - len(short)
-    ids = torch.tensor([long, [151643] * pad + short])
-    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    ids, mask = left_padded([prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419), prompt(9707, 1879)])
+    assert mask[1, 0] == 0  # the second row is padded
     check(pair, ids, mask, pixel_values=px, image_grid_thw=grid)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IMAGE_PAD, JFK, QWEN_TOKENIZER, VISION_END, VISION_START, WHISPER_TINY_EN, need_shared, tiny_hf_whisper, tiny_qwen2vl,
+    IMAGE_PAD, JFK, QWEN_TOKENIZER, VISION_END, VISION_START, WHISPER_TINY_EN, left_padded, need_shared, tiny_hf_whisper, tiny_qwen2vl,
 )
 
 import qva
@@ -125,10 +125,7 @@ def run_case(qwen_dir, whisper_dir, waves, frames="valid", pool=1, image=None, b
     ids = torch.tensor([audio_prompt(*parts)])
     mask = None
     if batch_pad is not None:
-        other = audio_prompt(9707, 1879)
-        pad = ids.shape[1] - len(other)
-        ids = torch.cat([ids, torch.tensor([[151643] * pad + other])])
-        mask = torch.tensor([[1] * ids.shape[1], [0] * pad + [1] * len(other)])
+        ids, mask = left_padded([ids[0].tolist(), audio_prompt(9707, 1879)])
     with torch.no_grad():
         got = model(ids, attention_mask=mask, input_features=feats, audio_valid_frames=valid, **media).logits
     want = ref.logits(ids, mask, ref_feats, ref_valid, **media)

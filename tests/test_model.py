@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, tiny_qwen2vl, write_hub_layout
+from conftest import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, left_padded, tiny_qwen2vl, write_hub_layout
 
 from qva.model import QVAModel
 from weights_loader import CheckpointError
@@ -94,11 +94,9 @@ def test_image_and_video_together(tied):
 def test_left_padded_batch(tied):
     ref, ours, _ = tied
     px, grid = pixels([[1, 4, 4]], seed=5)
-    long = prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419)
     short = prompt(9707, 1879)
-    pad = len(long) - len(short)
-    ids = torch.tensor([long, [151643] * pad + short])
-    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    ids, mask = left_padded([prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419), short])
+    pad = ids.shape[1] - len(short)
     assert_parity(ours, ref, ids, mask, pixel_values=px, image_grid_thw=grid)
     # the padded row equals that prompt run alone
     with torch.no_grad():

@@ -4,7 +4,8 @@
 
 Rows: cold load (fresh process, weights kept in the storage dtype) with peak RSS; vision tower on a 448²
 image; prefill of 512 tokens; greedy decode tokens/s at batch 1 and 4 (128 new tokens; decode time =
-time(128 new) − time(1 new), on both sides). Also the decode roofline: LLM bytes read per token ÷ the
+time(128 new) − time(1 new), on both sides); end to end, a 448² image + 10 s of audio → 32 tokens with
+preprocessing (the transformers side is the graft assembled from its parts). Also the decode roofline: LLM bytes read per token ÷ the
 measured memory bandwidth. qva runs with its default compute-dtype policy (fp32 products over bf16
 weights where the CPU has no native bf16 matmul); transformers runs as shipped. Not a test.
 """
@@ -49,6 +50,64 @@ def decode_bytes_per_token(model: QVAModel) -> int:
     return layer_bytes + sum(p.numel() * p.element_size() for p in llm.norm.parameters()) + head.numel() * head.element_size()
 
 
+def end_to_end(args, ckpt: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """A 448² image + 10 s of audio + text → 32 greedy tokens, preprocessing included, on both sides.
+
+    transformers side: its image processor, feature extractor and WhisperEncoder, the same projector
+    weights, audio rows placed at `<|audio_pad|>` by a hook on the embedding at prefill, then its generate().
+    """
+    import numpy as np
+    from bench_audio import write_turbo
+    from PIL import Image
+    from transformers import Qwen2VLForConditionalGeneration, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    import qva
+    from qva.audio import audio_token_count, log_mel
+    from qva.image_processing import VisionPreprocessConfig, process_image
+
+    whisper = cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers))
+    ours = qva.load(ckpt, whisper=whisper, dtype=dtype, device=device)
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
+    ref_whisper = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
+    proj = torch.nn.Linear(1280, 1536, bias=False).to(dtype)
+    proj.weight.data.copy_(ours.audio_projector.weight)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    wave = torch.from_numpy(np.random.default_rng(1).standard_normal(160_000).astype(np.float32) * 0.1)
+    n_audio = audio_token_count(1000)  # 10 s → 500 tokens
+    ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 256 + [151653, 151657] + [151659] * n_audio
+                        + [151658, 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]], device=device)
+    vision_cfg = VisionPreprocessConfig(max_pixels=448 * 448)
+    img_proc, fe = Qwen2VLImageProcessorPil(max_pixels=448 * 448), WhisperFeatureExtractor(feature_size=128)
+
+    def run_qva():
+        px, grid = process_image(image, vision_cfg)
+        feats, valid = log_mel(wave, 128)
+        return ours.generate(input_ids=ids, pixel_values=px.to(device), image_grid_thw=torch.tensor([grid]),
+                             input_features=feats.to(device), audio_valid_frames=valid, max_new_tokens=32, eos_token_id=[])
+
+    def run_ref():
+        pix = img_proc(images=[image], return_tensors="pt")
+        feats = fe(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features.to(device, dtype)
+        rows = proj(ref_whisper(feats).last_hidden_state[0, :n_audio])
+        slots = (ids == 151659)[..., None]
+
+        def place_audio(module, inputs, out):
+            return out.masked_scatter(slots, rows.to(out.dtype)) if out.shape[1] == ids.shape[1] else out
+
+        hook = ref.get_input_embeddings().register_forward_hook(place_audio)
+        try:
+            return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix.pixel_values.to(device),
+                                image_grid_thw=pix.image_grid_thw, mm_token_type_ids=(ids == 151655).int(),
+                                max_new_tokens=32, do_sample=False)
+        finally:
+            hook.remove()
+
+    return timed_pair(run_ref, run_qva, 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -57,6 +116,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="qva: compile the decode step")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--whisper-layers", type=int, default=2, help="encoder layers of the turbo-shaped Whisper for the end-to-end row")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("bench_results_generate.json"))
     args = p.parse_args()
@@ -102,6 +162,8 @@ def main() -> None:
             per_tok = ((tn[0] - t1[0]) / steps, (tn[1] - t1[1]) / steps)
             decode[batch] = {"transformers_tok_s": batch / per_tok[0], "qva_tok_s": batch / per_tok[1]}
             rows.append((f"decode, batch {batch} (s per step)", *per_tok))
+
+        rows.append(("end to end: 448² image + 10 s audio → 32 tokens", *end_to_end(args, ckpt, dtype, device)))
 
     bw = memory_bandwidth(device)
     per_token = decode_bytes_per_token(ours)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from weights_loader.writer import save_checkpoint
 
@@ -16,17 +17,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QVA_CACHE", Path.home() / ".cache" / "qva"))
 
 
-def random_whisper_encoder(cfg: WhisperEncoderConfig, seed: int = 0, std: float = 0.1) -> WhisperEncoder:
-    """A Whisper encoder with N(0, std) weights and non-unit LayerNorm gains (so positions matter)."""
+def randomize_(model: nn.Module, seed: int, std: float = 0.1, gain_std: float = 0.2) -> nn.Module:
+    """Re-draw every weight from N(0, std), LayerNorm/RMSNorm gains from 1 + N(0, gain_std); returns it in eval mode.
+
+    Std 0.02 models barely attend, which hides position and ordering bugs; these do not.
+    """
     g = torch.Generator().manual_seed(seed)
-    model = WhisperEncoder(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            if "norm" in name and name.endswith("weight") or name.endswith("ln_q.weight"):
+                p.copy_(1 + gain_std * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def random_whisper_encoder(cfg: WhisperEncoderConfig, seed: int = 0, std: float = 0.1) -> WhisperEncoder:
+    """A Whisper encoder with N(0, std) weights and non-unit LayerNorm gains (so positions matter)."""
+    return randomize_(WhisperEncoder(cfg), seed, std)
 
 
 def write_tiny_whisper(
@@ -103,12 +111,8 @@ def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dt
         "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 4, "in_chans": 3, "hidden_size": 64,
                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
     }
-    model = QVAModel(Qwen2VLConfig.from_dict(config))
-    g = torch.Generator().manual_seed(seed)
+    model = randomize_(QVAModel(Qwen2VLConfig.from_dict(config)), seed, std=0.1, gain_std=0.1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_gain = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight", "layernorm.weight"))
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if is_gain else 0.1 * torch.randn(p.shape, generator=g))
         # tied embeddings: every row but the printable ASCII bytes' is zero, so the random model's
         # (meaningless) answer prints as visible characters rather than placeholder or special tokens
         ascii_ids = [i for i, c in enumerate(_byte_alphabet()) if 32 <= ord(c) < 127]

@@ -14,8 +14,16 @@ from typing import Iterator
 import torch
 
 from .kv_cache import KVCache
+from .qwen2 import causal_padding_mask
 
 DEFAULT_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
+    """The stop tokens: the given id(s), or Qwen2-VL's <|im_end|> and <|endoftext|>."""
+    if eos_token_id is None:
+        return list(DEFAULT_EOS)
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features", "audio_valid_frames")
 
 
@@ -100,7 +108,7 @@ def generate_tokens(
     limit = model.config.text.max_position_embeddings
     if s + max_new_tokens > limit:
         raise ValueError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}")
-    eos = torch.tensor(DEFAULT_EOS if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
+    eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     embeds, positions, deltas = model.embed_inputs(input_ids, mask, **{k: v for k, v in media.items() if v is not None})
@@ -109,8 +117,7 @@ def generate_tokens(
     cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, stored, device)
     key_valid = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
     key_valid[:, :s] = mask.bool()
-    prefill_mask = key_valid[:, None, None, :s] & torch.ones(s, s, dtype=torch.bool, device=device).tril()
-    prefill_mask = prefill_mask | torch.eye(s, dtype=torch.bool, device=device)  # padded rows: no empty softmax
+    prefill_mask = causal_padding_mask(mask)  # [B, 1, S, S]
     hidden = model.model(embeds, positions, cache=cache, slots=torch.arange(s, device=device), kv_mask=prefill_mask)
     logits = model.lm_head(hidden[:, -1].to(stored))  # one row per prompt: a matrix-vector product
 
@@ -143,7 +150,7 @@ def stream_text(model, processor, inputs: dict, stats: dict | None = None, **kwa
     held back until the character is complete. `stats` (if given) receives "tokens" and "first_token_at"."""
     ids: list[int] = []
     shown = ""
-    eos = set(DEFAULT_EOS if kwargs.get("eos_token_id") is None else ([kwargs["eos_token_id"]] if isinstance(kwargs["eos_token_id"], int) else kwargs["eos_token_id"]))
+    eos = set(eos_ids(kwargs.get("eos_token_id")))
     stats = {} if stats is None else stats
     for tok in generate_tokens(model, **inputs, **kwargs):
         t = int(tok[0])

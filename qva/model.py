@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
+from weights_loader import Checkpoint, CheckpointError, load_into
 
 from .audio import audio_token_count
 from .compute_dtype import upcast
@@ -34,7 +34,7 @@ from .whisper_encoder import WhisperEncoder
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, S, vocab]
-    rope_deltas: torch.Tensor  # [B, 1]: decode position = cache length + delta
+    rope_deltas: torch.Tensor  # [B, 1]: decode position = real tokens so far + delta
 
 
 class QVAModel(nn.Module):
@@ -148,14 +148,11 @@ class QVAModel(nn.Module):
     # -- loading --------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "QVAModel":
-        """Load a Qwen2-VL checkpoint folder (Hub or transformers 5 layout, single or sharded)."""
-        cfg = Qwen2VLConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        with Checkpoint(path) as ckpt:
-            load_weights(model, ckpt, dtype=dtype, device=device)
-        assert_materialized(model, str(path))
-        return model.eval()
+        """Load a Qwen2-VL checkpoint folder (Hub or transformers 5 layout, single or sharded) or a saved
+        graft: `qva.load` without a Whisper checkpoint to graft."""
+        from .graft import load
+
+        return load(path, dtype=dtype, device=device)
 
 
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")

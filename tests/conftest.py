@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qva.demo import randomize_
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WHISPER_TINY_EN = SHARED / "whisper-tiny.en"
@@ -20,18 +22,8 @@ def need_shared(path: Path):
 
 
 def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
-    """Re-draw every weight from N(0, std) and LayerNorm/RMSNorm gains around 1 ± 0.2.
-
-    Std 0.02 models barely attend, which hides position and ordering bugs; these do not.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight") or name.endswith("ln_q.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
+    """Large random weights (std 0.1, norm gains 1 ± 0.2) for reference models: see `qva.demo.randomize_`."""
+    return randomize_(model, seed, std)
 
 
 def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

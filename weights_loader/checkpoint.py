@@ -91,7 +91,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         numel = 1
         for s in shape:
             numel *= s
-        expected = numel * torch.empty((), dtype=dtype).element_size()
+        expected = numel * dtype.itemsize
         if end - begin != expected or begin < 0:
             raise CheckpointError(
                 f"{file}: tensor {name!r} header is inconsistent: {entry['dtype']}{list(shape)} needs "
@@ -210,16 +210,17 @@ class Checkpoint:
         target = dtype or info.dtype
         out = torch.empty(info.shape, dtype=target)
         if info.nbytes:
-            numel = info.nbytes // _itemsize(info.dtype)
+            size = info.dtype.itemsize
+            numel = info.nbytes // size
             with warnings.catch_warnings():  # read-only map: fine, data is copied out before anyone sees it
                 warnings.simplefilter("ignore", UserWarning)
                 src = torch.frombuffer(m, dtype=info.dtype, count=numel, offset=info.start)
             dst = out.view(-1)
-            step = max(1, _CHUNK_BYTES // _itemsize(info.dtype))
+            step = max(1, _CHUNK_BYTES // size)
             for i in range(0, numel, step):  # copy (and cast) in chunks, releasing mapped pages as we go,
                 j = min(numel, i + step)  # so the transient cost is one chunk, not one whole tensor
                 dst[i:j].copy_(src[i:j])
-                _release(m, info.start + i * _itemsize(info.dtype), info.start + j * _itemsize(info.dtype))
+                _release(m, info.start + i * size, info.start + j * size)
             del src
         self.reads.append(name)
         if device is not None:
@@ -254,10 +255,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {self.nbytes / 1e6:.1f} MB)"
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 _PAGE = mmap.PAGESIZE

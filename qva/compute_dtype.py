@@ -4,7 +4,8 @@ Many CPUs (this project's CI machine, most laptops) have no native bf16/fp16 mat
 weights stored that way run ~40–100× slower than fp32 there, while matrix–vector products (one-token
 decoding, bound by memory bandwidth) are fine and read half the bytes. So on such a CPU qva keeps the
 weights stored as they are and runs each *large* product — prefill, vision blocks, Whisper layers — in
-fp32, upcasting one layer's weights at a time (`upcast`); decoding stays in the storage dtype.
+fp32, upcasting one layer's weights at a time (`upcast`, into a `Workspace` reused by the next layer);
+decoding stays in the storage dtype (compiled on CPU, its products go through `qva/gemv.py`).
 
 The capability is detected once (CPU flags `avx512_bf16` / `amx_bf16`); override with the environment
 variable `QVA_COMPUTE_DTYPE=auto|storage|float32` or `set_policy(...)`.
@@ -63,12 +64,34 @@ def large_matmul_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch
     return weight_dtype
 
 
+class Workspace:
+    """Buffers reused by `upcast` from one layer to the next within a forward pass.
+
+    Layers of one stack have the same parameter shapes, so after the first layer the copies go into
+    memory that is already mapped: a fresh 100 MB allocation costs ~8× the copy itself in page faults.
+    Used only without autograd (a layer's copies must outlive it when gradients are recorded).
+    """
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+
+    def copy(self, i: int, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`p` cast to `dtype`, written into the i-th buffer (allocated, or replaced if its shape differs)."""
+        if i == len(self.buffers):
+            self.buffers.append(torch.empty(0))
+        buf = self.buffers[i]
+        if buf.shape != p.shape or buf.dtype != dtype or buf.device != p.device:
+            buf = self.buffers[i] = torch.empty(p.shape, dtype=dtype, device=p.device)
+        return buf.copy_(p)
+
+
 @contextmanager
-def upcast(*modules: nn.Module | None, dtype: torch.dtype):
+def upcast(*modules: nn.Module | None, dtype: torch.dtype, workspace: Workspace | None = None):
     """Inside the block, the modules' floating parameters are `dtype` copies; the stored ones come back after.
 
-    Used one layer at a time, so the extra memory is one layer's weights in `dtype`. The copies are
-    differentiable casts of the stored parameters, so gradients still reach them.
+    Used one layer at a time, so the extra memory is one layer's weights in `dtype`. With autograd on,
+    the copies are differentiable casts of the stored parameters, so gradients still reach them; without
+    it they are written into `workspace` (if given), reused by the next layer.
     """
     swapped = []
     for module in modules:
@@ -76,9 +99,10 @@ def upcast(*modules: nn.Module | None, dtype: torch.dtype):
             for name, p in mod._parameters.items():
                 if p is not None and p.is_floating_point() and p.dtype != dtype:
                     swapped.append((mod, name, p))
+    reuse = workspace is not None and not torch.is_grad_enabled()
     try:
-        for mod, name, p in swapped:
-            mod._parameters[name] = p.to(dtype)
+        for i, (mod, name, p) in enumerate(swapped):
+            mod._parameters[name] = workspace.copy(i, p, dtype) if reuse else p.to(dtype)
         yield
     finally:
         for mod, name, p in swapped:

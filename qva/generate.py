@@ -3,7 +3,8 @@
 Images, video and audio are encoded once, at prefill. A decode step feeds one token per row at
 position (real tokens so far + rope_delta) on all three M-RoPE axes — for a row without left padding
 that is `cache_len + rope_delta`. `compile=True` compiles the decode step with static shapes (the
-whole cache buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager.
+whole cache buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager. On CPU
+with bf16/fp16 weights the compiled step's matrix–vector products are `qva.gemv`'s.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Decoder:
     def _step(self, ids, positions, slot, kv_mask):
         x = self.model.model.embed_tokens(ids)[:, None]  # [B, 1, D]
         hidden = self.model.model(x, positions, cache=self.cache, slots=slot, kv_mask=kv_mask)
-        return self.model.lm_head(hidden[:, -1])
+        return self.model.logits(hidden[:, -1])
 
     def __call__(self, ids, positions, slot: int, key_valid):
         kv_len = self.cache.max_len if self.static else slot + 1  # compiled: always the whole buffer
@@ -119,7 +120,7 @@ def generate_tokens(
     key_valid[:, :s] = mask.bool()
     prefill_mask = causal_padding_mask(mask)  # [B, 1, S, S]
     hidden = model.model(embeds, positions, cache=cache, slots=torch.arange(s, device=device), kv_mask=prefill_mask)
-    logits = model.lm_head(hidden[:, -1].to(stored))  # one row per prompt: a matrix-vector product
+    logits = model.logits(hidden[:, -1])  # [B, V]: one row per prompt
 
     decoder = Decoder(model, cache, compile)
     real = mask.sum(-1)  # [B] real tokens so far

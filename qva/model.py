@@ -23,12 +23,15 @@ from weights_loader import Checkpoint, CheckpointError, load_into
 
 from .audio import audio_token_count
 from .compute_dtype import upcast
+from .gemv import Linear
 from .merge import merge_embeddings
 from .qwen2 import Qwen2Model
 from .qwen2vl_config import Qwen2VLConfig
 from .rope_index import rope_index
 from .vision import VisionTransformer
 from .whisper_encoder import WhisperEncoder
+
+FEW_ROWS = 16  # up to here a half-precision vocabulary product beats upcasting the 0.5–1 GB head
 
 
 @dataclass
@@ -43,7 +46,7 @@ class QVAModel(nn.Module):
         self.config = cfg
         self.visual = VisionTransformer(cfg.vision)
         self.model = Qwen2Model(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.audio_encoder = WhisperEncoder(cfg.audio) if cfg.audio else None
@@ -127,8 +130,13 @@ class QVAModel(nn.Module):
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
-        """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference."""
+        """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference.
+
+        `logits_to_keep=n` computes logits for the last n positions only (0: all), as in transformers;
+        the next token needs just the last, and the vocabulary projection is the costliest product.
+        """
         embeds, default_positions, rope_deltas = self.embed_inputs(
             input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
             input_features, audio_valid_frames,
@@ -136,8 +144,20 @@ class QVAModel(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
         hidden = self.model(embeds, default_positions if position_ids is None else position_ids, attention_mask)
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden  # [B, S or n, D]
+        return ModelOutput(logits=self.logits(hidden), rope_deltas=rope_deltas)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits `[..., V]` of hidden rows `[..., D]`, in the hidden rows' dtype.
+
+        A few rows (next-token logits) are matrix–vector products over the weights as stored; many rows
+        run in the hidden rows' dtype, upcasting half-precision weights (see compute_dtype.py).
+        """
+        stored = self.lm_head.weight.dtype
+        if hidden.numel() <= FEW_ROWS * hidden.shape[-1]:
+            return self.lm_head(hidden.to(stored)).to(hidden.dtype)
         with upcast(self.lm_head, dtype=hidden.dtype):
-            return ModelOutput(logits=self.lm_head(hidden), rope_deltas=rope_deltas)
+            return self.lm_head(hidden)
 
     def generate(self, **kwargs):
         """Greedy or sampled generation with a static KV cache: see `qva.generate.generate`."""

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .compute_dtype import large_matmul_dtype, upcast
+from .compute_dtype import Workspace, large_matmul_dtype, upcast
+from .gemv import Linear
 from .kv_cache import KVCache
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
@@ -37,10 +38,10 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(d, self.heads * hd)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd)
-        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.heads * hd)
+        self.k_proj = Linear(d, self.kv_heads * hd)
+        self.v_proj = Linear(d, self.kv_heads * hd)
+        self.o_proj = Linear(self.heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, slots=None, kv_len: int = 0) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
@@ -58,9 +59,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -126,8 +127,9 @@ class Qwen2Model(nn.Module):
         else:
             mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
         x = inputs_embeds.to(dt)
+        workspace = Workspace()
         for i, layer in enumerate(self.layers):
-            with upcast(layer, dtype=dt):
+            with upcast(layer, dtype=dt, workspace=workspace):
                 x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
         with upcast(self.norm, dtype=dt):
             return self.norm(x)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .compute_dtype import large_matmul_dtype, upcast
+from .compute_dtype import Workspace, large_matmul_dtype, upcast
 from .mrope import apply_rotary, vision_cos_sin
 from .qwen2vl_config import VisionConfig
 
@@ -154,8 +154,9 @@ class VisionTransformer(nn.Module):
         cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
         cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
         segments = attention_segments(grid)
+        workspace = Workspace()
         for block in self.blocks:
-            with upcast(block, dtype=dt):
+            with upcast(block, dtype=dt, workspace=workspace):
                 x = block(x, cos, sin, segments)
         with upcast(self.merger, dtype=dt):
             return self.merger(x)

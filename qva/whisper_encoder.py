@@ -20,7 +20,7 @@ from torch import nn
 
 from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into, read_config
 
-from .compute_dtype import large_matmul_dtype, upcast
+from .compute_dtype import Workspace, large_matmul_dtype, upcast
 
 LAYER_NORM_EPS = 1e-5
 ENCODER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
@@ -123,8 +123,9 @@ class WhisperEncoder(nn.Module):
             x = F.gelu(self.conv1(x))  # [B, d, 3000]
             x = F.gelu(self.conv2(x))  # [B, d, 1500]
             x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
+        workspace = Workspace()
         for layer in self.layers:
-            with upcast(layer, dtype=dt):
+            with upcast(layer, dtype=dt, workspace=workspace):
                 x = layer(x)
         with upcast(self.layer_norm, dtype=dt):
             return self.layer_norm(x)

@@ -61,3 +61,31 @@ def test_whisper_bf16_weights_both_policies_close_to_fp32(policy, out_dtype):
     assert enc16.conv1.weight.dtype == torch.bfloat16  # storage untouched
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < (0.01 if policy == "float32" else 0.05)  # fp32 compute only suffers the weights' rounding
+
+
+def test_workspace_reuses_buffers_across_layers_without_autograd():
+    layers = [nn.Linear(8, 6).to(torch.bfloat16) for _ in range(3)]
+    x = torch.randn(2, 8)
+    ws = compute_dtype.Workspace()
+    ptrs = []
+    with torch.no_grad():
+        for lin in layers:
+            stored = lin.weight
+            with upcast(lin, dtype=torch.float32, workspace=ws):
+                assert lin.weight.dtype == torch.float32 and torch.equal(lin.weight, stored.float())
+                got = lin(x)
+                ptrs.append(lin.weight.data_ptr())
+            assert lin.weight is stored
+            assert torch.equal(got, torch.nn.functional.linear(x, stored.float(), lin.bias.float()))
+    assert len(set(ptrs)) == 1 and len(ws.buffers) == 2  # weight and bias buffers, reused by every layer
+    with torch.no_grad(), upcast(nn.Linear(4, 6).to(torch.bfloat16), dtype=torch.float32, workspace=ws):
+        pass
+    assert ws.buffers[0].shape == (6, 4)  # a different shape replaces the buffer
+
+
+def test_workspace_not_used_when_recording_gradients():
+    lin = nn.Linear(8, 6).to(torch.bfloat16)
+    ws = compute_dtype.Workspace()
+    with upcast(lin, dtype=torch.float32, workspace=ws):
+        lin(torch.randn(2, 8)).sum().backward()
+    assert ws.buffers == [] and lin.weight.grad is not None

@@ -167,6 +167,21 @@ def test_bf16_close_to_fp32(tied, tmp_path):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
 
 
+def test_logits_to_keep_and_few_row_head(tied):
+    _, ours32, saved = tied
+    ids = torch.tensor([prompt(9707, 11, 358, 1079), prompt(3838, 374, 419, 30)])
+    with torch.no_grad():
+        full = ours32(ids).logits
+        last = ours32(ids, logits_to_keep=1).logits
+        assert last.shape == (2, 1, full.shape[-1]) and (last - full[:, -1:]).abs().max() < 1e-5
+        ours16 = QVAModel.from_pretrained(saved, dtype=torch.bfloat16)
+        few = ours16(ids, logits_to_keep=2).logits  # 4 rows: products over the bf16 head as stored
+        many = ours16(ids).logits  # fp32 products over the upcast head (this CPU has no fast bf16)
+    assert few.dtype == many.dtype
+    rel = ((few - many[:, -2:]).norm() / many.norm()).item()
+    assert rel < 0.01
+
+
 def test_unsupported_model_type(tied, tmp_path):
     _, _, saved = tied
     cfg = json.loads((saved / "config.json").read_text())

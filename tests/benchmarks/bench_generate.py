@@ -1,11 +1,17 @@
-"""Generation, side by side in one run: qva vs transformers (sdpa) on a random 2B-shaped Qwen2-VL stored in bf16.
+"""Generation, side by side in one run: qva vs transformers (sdpa), weights stored in bf16.
 
-    python tests/benchmarks/bench_generate.py [--layers 4] [--vision-layers 2] [--dtype bf16|fp32] [--device cpu|cuda] [--compile]
+    python tests/benchmarks/bench_generate.py [--size 2b|tiny] [--layers 4] [--vision-layers 2] [--whisper-layers 2]
+                                              [--dtype bf16|fp32] [--device cpu|cuda] [--compile]
 
-Rows: cold load (fresh process, weights kept in the storage dtype) with peak RSS; vision tower on a 448²
-image; prefill of 512 tokens; greedy decode tokens/s at batch 1 and 4 (128 new tokens; decode time =
-time(128 new) − time(1 new), on both sides); end to end, a 448² image + 10 s of audio → 32 tokens with
-preprocessing (the transformers side is the graft assembled from its parts). Also the decode roofline: LLM bytes read per token ÷ the
+Sizes: `2b`, a random checkpoint with the 2B shapes (`--layers`/`--vision-layers` cut depth to keep CPU runs
+practical) and a turbo-shaped Whisper; `tiny`, the `qva-generate --demo` checkpoints (hidden 64, the real
+151936-token vocabulary). Rows: cold load (fresh process, weights kept in the storage dtype) with peak RSS;
+Whisper encoder on one 30 s window; vision tower on a 448² image; prefill of 512 tokens to next-token
+logits (both sides keep only the last position's logits, as generation does), against transformers at
+the storage dtype and against transformers with fp32 weights; greedy decode at batch 1 and 4 (128 new
+tokens; decode time = time(128 new) − time(1 new), on both sides), qva eager and, with `--compile`,
+compiled; end to end, a 448² image + 10 s of audio → 32 tokens with preprocessing (the transformers side
+is the graft assembled from its parts). Also the decode roofline: LLM bytes read per token ÷ the
 measured memory bandwidth. qva runs with its default compute-dtype policy (fp32 products over bf16
 weights where the CPU has no native bf16 matmul); transformers runs as shipped. Not a test.
 """
@@ -50,14 +56,39 @@ def decode_bytes_per_token(model: QVAModel) -> int:
     return layer_bytes + sum(p.numel() * p.element_size() for p in llm.norm.parameters()) + head.numel() * head.element_size()
 
 
-def end_to_end(args, ckpt: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+def checkpoints(args) -> tuple[Path, Path]:
+    """(Qwen2-VL, Whisper) checkpoint folders for `args.size`, written once into `args.workdir`."""
+    from bench_audio import write_turbo
+
+    from qva.demo import write_tiny_qwen2vl, write_tiny_whisper
+
+    if args.size == "tiny":
+        return (cached_checkpoint(args.workdir, "tiny-qwen2vl", write_tiny_qwen2vl),
+                cached_checkpoint(args.workdir, "tiny-whisper", write_tiny_whisper))
+    return (cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
+                              lambda f: write_2b(f, args.layers, args.vision_layers)),
+            cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers)))
+
+
+def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """One 30 s window through each encoder, weights loaded in `dtype`."""
+    from transformers import WhisperForConditionalGeneration
+
+    from qva.whisper_encoder import WhisperEncoder
+
+    ours = WhisperEncoder.from_pretrained(whisper, dtype=dtype, device=device)
+    ref = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
+    feats = torch.randn(1, ours.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0)).to(device)
+    return timed_pair(lambda: ref(feats.to(dtype)), lambda: ours(feats), 1)
+
+
+def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
     """A 448² image + 10 s of audio + text → 32 greedy tokens, preprocessing included, on both sides.
 
     transformers side: its image processor, feature extractor and WhisperEncoder, the same projector
     weights, audio rows placed at `<|audio_pad|>` by a hook on the embedding at prefill, then its generate().
     """
     import numpy as np
-    from bench_audio import write_turbo
     from PIL import Image
     from transformers import Qwen2VLForConditionalGeneration, WhisperFeatureExtractor, WhisperForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -66,13 +97,13 @@ def end_to_end(args, ckpt: Path, dtype: torch.dtype, device: torch.device) -> tu
     from qva.audio import audio_token_count, log_mel
     from qva.image_processing import VisionPreprocessConfig, process_image
 
-    whisper = cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers))
     ours = qva.load(ckpt, whisper=whisper, dtype=dtype, device=device)
     ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
     ref_whisper = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
-    proj = torch.nn.Linear(1280, 1536, bias=False).to(dtype)
+    proj = torch.nn.Linear(ours.audio_projector.in_features, ours.audio_projector.out_features, bias=False).to(dtype)
     proj.weight.data.copy_(ours.audio_projector.weight)
+    n_mels = ours.audio_encoder.config.num_mel_bins
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
     wave = torch.from_numpy(np.random.default_rng(1).standard_normal(160_000).astype(np.float32) * 0.1)
@@ -80,11 +111,11 @@ def end_to_end(args, ckpt: Path, dtype: torch.dtype, device: torch.device) -> tu
     ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 256 + [151653, 151657] + [151659] * n_audio
                         + [151658, 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]], device=device)
     vision_cfg = VisionPreprocessConfig(max_pixels=448 * 448)
-    img_proc, fe = Qwen2VLImageProcessorPil(max_pixels=448 * 448), WhisperFeatureExtractor(feature_size=128)
+    img_proc, fe = Qwen2VLImageProcessorPil(max_pixels=448 * 448), WhisperFeatureExtractor(feature_size=n_mels)
 
     def run_qva():
         px, grid = process_image(image, vision_cfg)
-        feats, valid = log_mel(wave, 128)
+        feats, valid = log_mel(wave, n_mels)
         return ours.generate(input_ids=ids, pixel_values=px.to(device), image_grid_thw=torch.tensor([grid]),
                              input_features=feats.to(device), audio_valid_frames=valid, max_new_tokens=32, eos_token_id=[])
 
@@ -108,15 +139,41 @@ def end_to_end(args, ckpt: Path, dtype: torch.dtype, device: torch.device) -> tu
     return timed_pair(run_ref, run_qva, 1)
 
 
+def decode_rows(args, ref, ours, device, g) -> tuple[list, dict]:
+    """Seconds per greedy step at batch 1 and 4: transformers, qva eager and (with --compile) compiled."""
+    rows, decode = [], {}
+    variants = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+    for batch in (1, 4):
+        prompt = torch.randint(0, 150_000, (batch, 64), generator=g).to(device)
+
+        def ref_gen(n, prompt=prompt):
+            return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
+
+        for name, compile in variants:
+            def our_gen(n, prompt=prompt, compile=compile):
+                return ours.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=[], compile=compile)
+
+            if compile:
+                our_gen(args.new_tokens)  # compile once, outside the timing
+            t1 = timed_pair(lambda: ref_gen(1), lambda: our_gen(1), 1)
+            tn = timed_pair(lambda: ref_gen(args.new_tokens), lambda: our_gen(args.new_tokens), 1)
+            steps = args.new_tokens - 1
+            per_tok = ((tn[0] - t1[0]) / steps, (tn[1] - t1[1]) / steps)
+            decode[f"{batch}-{name}"] = {"batch": batch, "qva": name, "transformers_tok_s": batch / per_tok[0], "qva_tok_s": batch / per_tok[1]}
+            rows.append((f"decode, batch {batch}, qva {name} (s per step)", *per_tok))
+    return rows, decode
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--size", choices=("2b", "tiny"), default="2b")
+    p.add_argument("--layers", type=int, default=4, help="2b: LLM layers")
+    p.add_argument("--vision-layers", type=int, default=2, help="2b: vision blocks")
+    p.add_argument("--whisper-layers", type=int, default=2, help="2b: encoder layers of the turbo-shaped Whisper")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype both implementations load the weights in")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="qva: compile the decode step")
+    p.add_argument("--compile", action="store_true", help="qva: also time the compiled decode step")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--whisper-layers", type=int, default=2, help="encoder layers of the turbo-shaped Whisper for the end-to-end row")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("bench_results_generate.json"))
     args = p.parse_args()
@@ -124,8 +181,7 @@ def main() -> None:
     from transformers import Qwen2VLForConditionalGeneration
 
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    ckpt = cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
-                             lambda f: write_2b(f, args.layers, args.vision_layers))
+    ckpt, whisper = checkpoints(args)
     rows = []
     cold = {
         "transformers": cold_run("from transformers import Qwen2VLForConditionalGeneration",
@@ -134,49 +190,42 @@ def main() -> None:
     }
     rows.append((f"cold load ({args.dtype})", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
+    def load_ref(dt):
+        ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dt, attn_implementation="sdpa").to(device).eval()
+        ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
+        return ref
+
     ours = QVAModel.from_pretrained(ckpt, dtype=dtype, device=device)
-    ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    ref.generation_config.eos_token_id = None
-    ref.generation_config.pad_token_id = 151643
+    ref = load_ref(dtype)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
+        rows.append(("Whisper encoder, one 30 s window", *whisper_row(whisper, dtype, device)))
         grid = torch.tensor([[1, 32, 32]])
-        px = torch.randn(1024, 1176, generator=g).to(device)
+        px = torch.randn(1024, ours.config.vision.patch_dim, generator=g).to(device)
         rows.append(("vision tower, 448² image", *timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), 1)))
         ids = torch.randint(0, 150_000, (1, 512), generator=g).to(device)
-        rows.append(("prefill, 512 tokens", *timed_pair(lambda: ref(input_ids=ids), lambda: ours(ids), 1)))
-
-        decode = {}
-        for batch in (1, 4):
-            prompt = torch.randint(0, 150_000, (batch, 64), generator=g).to(device)
-
-            def ref_gen(n, prompt=prompt):
-                return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
-
-            def our_gen(n, prompt=prompt):
-                return ours.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=[], compile=args.compile)
-
-            t1 = timed_pair(lambda: ref_gen(1), lambda: our_gen(1), 1)
-            tn = timed_pair(lambda: ref_gen(args.new_tokens), lambda: our_gen(args.new_tokens), 1)
-            steps = args.new_tokens - 1
-            per_tok = ((tn[0] - t1[0]) / steps, (tn[1] - t1[1]) / steps)
-            decode[batch] = {"transformers_tok_s": batch / per_tok[0], "qva_tok_s": batch / per_tok[1]}
-            rows.append((f"decode, batch {batch} (s per step)", *per_tok))
-
-        rows.append(("end to end: 448² image + 10 s audio → 32 tokens", *end_to_end(args, ckpt, dtype, device)))
+        prefill = ("prefill, 512 tokens → next-token logits", *timed_pair(lambda: ref(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), 1))
+        rows.append(prefill)
+        if dtype != torch.float32:
+            ref32 = load_ref(torch.float32)
+            rows.append(("prefill, vs transformers with fp32 weights", *timed_pair(lambda: ref32(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), 1)))
+            del ref32
+        more, decode = decode_rows(args, ref, ours, device, g)
+        rows += more
+        rows.append(("end to end: 448² image + 10 s audio → 32 tokens", *end_to_end(args, ckpt, whisper, dtype, device)))
 
     bw = memory_bandwidth(device)
     per_token = decode_bytes_per_token(ours)
     roofline = bw / per_token
     print_table(rows)
-    for b, d in decode.items():
-        print(f"decode batch {b}: transformers {d['transformers_tok_s']:.2f} tok/s, qva {d['qva_tok_s']:.2f} tok/s")
-    print(f"roofline: {per_token / 1e9:.3f} GB read per token at {bw / 1e9:.1f} GB/s = {roofline:.2f} tok/s; "
-          f"batch-1 decode: transformers {decode[1]['transformers_tok_s'] / roofline:.0%}, qva {decode[1]['qva_tok_s'] / roofline:.0%} of it")
-    print(f"prefill: transformers {512 / rows[2][1]:.1f} tok/s, qva {512 / rows[2][2]:.1f} tok/s")
+    print(f"roofline: {per_token / 1e9:.3f} GB read per token at {bw / 1e9:.1f} GB/s = {roofline:.2f} tok/s")
+    for d in decode.values():
+        print(f"decode batch {d['batch']}, qva {d['qva']:8s}: transformers {d['transformers_tok_s']:.2f} tok/s, qva {d['qva_tok_s']:.2f} tok/s"
+              + (f"; of the roofline: transformers {d['transformers_tok_s'] / roofline:.0%}, qva {d['qva_tok_s'] / roofline:.0%}" if d["batch"] == 1 else ""))
+    print(f"prefill: transformers {512 / prefill[1]:.1f} tok/s, qva {512 / prefill[2]:.1f} tok/s")
     for w in ("transformers", "qva"):
         print(f"cold load peak RSS, {w:12s}: {cold[w]['peak_rss_over_base'] / 2**20:.0f} MiB")
-    args.json.write_text(json.dumps({"dtype": args.dtype, "device": args.device, "layers": args.layers, "rows": rows_json(rows),
+    args.json.write_text(json.dumps({"size": args.size, "dtype": args.dtype, "device": args.device, "layers": args.layers, "rows": rows_json(rows),
                                      "decode": decode, "bandwidth_Bps": bw, "bytes_per_token": per_token, "roofline_tok_s": roofline,
                                      "cold": cold}, indent=2))
     print(f"wrote {args.json}")

@@ -11,7 +11,10 @@ from test_model import pixels, prompt, vision_block
 import qva
 import qva.generate as gen
 from qva.audio import log_mel
+from qva.demo import randomize_
+from qva.kv_cache import KVCache
 from qva.model import QVAModel
+from qva.qwen2vl_config import Qwen2VLConfig
 
 N = 32
 
@@ -105,11 +108,6 @@ def test_compiled_decode_matches_eager(pair):
 def test_compiled_bf16_decode_close_to_eager(tmp_path):
     """bf16 weights wide enough for the compiled CPU path to use qva.gemv: the first decode step's logits are as
     close to the fp32 model's as eager bf16's are."""
-    from qva.demo import randomize_
-    from qva.generate import Decoder
-    from qva.kv_cache import KVCache
-    from qva.qwen2vl_config import Qwen2VLConfig
-
     cfg = Qwen2VLConfig.from_dict({
         "model_type": "qwen2_vl", "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256,
@@ -130,7 +128,7 @@ def test_compiled_bf16_decode_close_to_eager(tmp_path):
             embeds, positions, _ = model.embed_inputs(ids)
             cache = KVCache(2, 2, 2, 16, 128, dtype)
             model.model(embeds, positions, cache=cache, slots=torch.arange(9), kv_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool).tril())
-            step = Decoder(model, cache, compile=compile)
+            step = gen.Decoder(model, cache, compile=compile)
             return step(ids[:, -1], torch.full((3, 2, 1), 9), 9, torch.ones(2, 16, dtype=torch.bool)).float()
 
     truth, eager, compiled = first_step(model32, False), first_step(model16, False), first_step(model16, True)

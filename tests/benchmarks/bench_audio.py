@@ -46,6 +46,11 @@ def write_turbo(folder: Path, layers: int) -> Path:
     return save_checkpoint(folder, tensors, config, max_shard_bytes=2 * 1024**3)
 
 
+def cached_turbo(workdir: Path | None, layers: int) -> Path:
+    """`write_turbo`'s checkpoint in `workdir`, written on first use (shared by the benchmark scripts)."""
+    return cached_checkpoint(workdir, f"turbo-{layers}L", lambda f: write_turbo(f, layers))
+
+
 COLD = {  # (imports, load): peak RSS is measured from after the imports
     "qva": ("from qva.whisper_encoder import WhisperEncoder",
             "enc = WhisperEncoder.from_pretrained(PATH, dtype=torch.float32)"),
@@ -71,7 +76,7 @@ def main() -> None:
 
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    ckpt = cached_checkpoint(args.workdir, f"turbo-{args.layers}L", lambda f: write_turbo(f, args.layers))
+    ckpt = cached_turbo(args.workdir, args.layers)
     torch.manual_seed(0)
     rows = []
 

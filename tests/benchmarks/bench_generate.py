@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench_qwen2vl import write_2b  # noqa: E402
+from bench_audio import cached_turbo  # noqa: E402
+from bench_qwen2vl import cached_2b  # noqa: E402
 from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.model import QVAModel  # noqa: E402
@@ -58,16 +59,12 @@ def decode_bytes_per_token(model: QVAModel) -> int:
 
 def checkpoints(args) -> tuple[Path, Path]:
     """(Qwen2-VL, Whisper) checkpoint folders for `args.size`, written once into `args.workdir`."""
-    from bench_audio import write_turbo
-
     from qva.demo import write_tiny_qwen2vl, write_tiny_whisper
 
     if args.size == "tiny":
         return (cached_checkpoint(args.workdir, "tiny-qwen2vl", write_tiny_qwen2vl),
                 cached_checkpoint(args.workdir, "tiny-whisper", write_tiny_whisper))
-    return (cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
-                              lambda f: write_2b(f, args.layers, args.vision_layers)),
-            cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers)))
+    return cached_2b(args.workdir, args.layers, args.vision_layers), cached_turbo(args.workdir, args.whisper_layers)
 
 
 def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:

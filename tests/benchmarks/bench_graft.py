@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench_audio import write_turbo  # noqa: E402
-from bench_qwen2vl import write_2b  # noqa: E402
-from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
+from bench_audio import cached_turbo  # noqa: E402
+from bench_qwen2vl import cached_2b  # noqa: E402
+from common import cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.merge import merge_embeddings  # noqa: E402
 
@@ -54,9 +54,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path("bench_results_graft.json"))
     args = p.parse_args()
 
-    qwen = cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
-                             lambda f: write_2b(f, args.layers, args.vision_layers))
-    whisper = cached_checkpoint(args.workdir, f"turbo-{args.whisper_layers}L", lambda f: write_turbo(f, args.whisper_layers))
+    qwen = cached_2b(args.workdir, args.layers, args.vision_layers)
+    whisper = cached_turbo(args.workdir, args.whisper_layers)
     load = cold_run("import qva", f"""
 model = qva.load(PATH, whisper={str(whisper)!r}, dtype=torch.bfloat16)
 result["model_bytes"] = sum(t.numel() * t.element_size() for t in {{t.data_ptr(): t for t in model.state_dict().values()}}.values())  # tied weights once

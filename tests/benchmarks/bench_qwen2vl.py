@@ -53,6 +53,11 @@ def write_2b(folder: Path, layers: int, vision_layers: int) -> Path:
     return save_checkpoint(folder, tensors, config, max_shard_bytes=2 * 1024**3)
 
 
+def cached_2b(workdir: Path | None, layers: int, vision_layers: int) -> Path:
+    """`write_2b`'s checkpoint in `workdir`, written on first use (shared by the benchmark scripts)."""
+    return cached_checkpoint(workdir, f"qwen2vl-2b-{layers}L-{vision_layers}V", lambda f: write_2b(f, layers, vision_layers))
+
+
 COLD_IMPORTS = {
     "qva": "from qva.model import QVAModel",
     "transformers": "from transformers import Qwen2VLForConditionalGeneration",
@@ -82,8 +87,7 @@ def main() -> None:
 
     from transformers import Qwen2VLForConditionalGeneration
 
-    ckpt = cached_checkpoint(args.workdir, f"qwen2vl-2b-{args.layers}L-{args.vision_layers}V",
-                             lambda f: write_2b(f, args.layers, args.vision_layers))
+    ckpt = cached_2b(args.workdir, args.layers, args.vision_layers)
     rows = []
 
     cold = {w: cold_run(COLD_IMPORTS[w], COLD_BODY[w] + FIRST_FORWARD, ckpt) for w in ("transformers", "qva")}

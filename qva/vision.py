@@ -138,6 +138,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
+        self.workspace = Workspace()  # fp32 copies of one layer's weights, reused across layers and forwards
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -154,9 +155,8 @@ class VisionTransformer(nn.Module):
         cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
         cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
         segments = attention_segments(grid)
-        workspace = Workspace()
         for block in self.blocks:
-            with upcast(block, dtype=dt, workspace=workspace):
+            with upcast(block, dtype=dt, workspace=self.workspace):
                 x = block(x, cos, sin, segments)
         with upcast(self.merger, dtype=dt):
             return self.merger(x)

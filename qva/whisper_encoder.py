@@ -107,6 +107,7 @@ class WhisperEncoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
         self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.workspace = Workspace()  # fp32 copies of one layer's weights, reused across layers and forwards
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -123,9 +124,8 @@ class WhisperEncoder(nn.Module):
             x = F.gelu(self.conv1(x))  # [B, d, 3000]
             x = F.gelu(self.conv2(x))  # [B, d, 1500]
             x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
-        workspace = Workspace()
         for layer in self.layers:
-            with upcast(layer, dtype=dt, workspace=workspace):
+            with upcast(layer, dtype=dt, workspace=self.workspace):
                 x = layer(x)
         with upcast(self.layer_norm, dtype=dt):
             return self.layer_norm(x)

@@ -89,3 +89,19 @@ def test_workspace_not_used_when_recording_gradients():
     with upcast(lin, dtype=torch.float32, workspace=ws):
         lin(torch.randn(2, 8)).sum().backward()
     assert ws.buffers == [] and lin.weight.grad is not None
+
+
+def test_stack_keeps_its_workspace_between_forwards():
+    cfg = WhisperEncoderConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    enc = random_whisper_encoder(cfg, seed=0, std=0.05).to(torch.bfloat16)
+    x = torch.randn(1, 80, 3000)
+    set_policy("float32")
+    with torch.no_grad():
+        first = enc(x)
+        ptrs = [b.data_ptr() for b in enc.workspace.buffers]
+        second = enc(x)
+    assert len(ptrs) == 15  # one layer: q, k (no bias), v, out, fc1, fc2 weights and biases; two layer norms
+    assert [b.data_ptr() for b in enc.workspace.buffers] == ptrs  # the second forward wrote into the same memory
+    assert torch.equal(first, second)
+    enc.workspace.clear()
+    assert enc.workspace.buffers == []

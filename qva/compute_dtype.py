@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 POLICIES = ("auto", "storage", "float32")
+HALF = (torch.bfloat16, torch.float16)  # the storage dtypes this policy is about
 _policy: str | None = None
 
 
@@ -59,7 +60,7 @@ def cpu_has_fast_half_matmul() -> bool:
 
 def large_matmul_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype for compute-bound products (many rows) with weights stored in `weight_dtype`."""
-    if weight_dtype not in (torch.bfloat16, torch.float16):
+    if weight_dtype not in HALF:
         return weight_dtype
     p = policy()
     if p == "storage":

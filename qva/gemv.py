@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .compute_dtype import HALF
+
 LANES = 16  # weights per AVX2 step: two 8-float vectors, two independent accumulators
 MAX_ROWS = 4  # more input rows than this run out of vector registers; those go to F.linear
 MIN_IN_FEATURES = 512  # the 16-lane partial sums (64 bytes a row per input row) must stay small next to a weight row
-HALF = (torch.bfloat16, torch.float16)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,9 +67,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        h = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # in place: one [B, S, I] buffer fewer
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, S, I]
+        # without autograd, in place: one [B, S, I] buffer fewer (autograd needs gate and the product kept)
+        h = F.silu(gate) * up if torch.is_grad_enabled() else F.silu(gate, inplace=True).mul_(up)
         return self.down_proj(h)
 
 

@@ -48,11 +48,12 @@ def load_audio(source, sampling_rate: int | None = None) -> torch.Tensor:
     if isinstance(source, (str, os.PathLike)):
         data, rate = _read_file(Path(source))
         name = str(source)
+        wave = _to_mono_float(data, name, channels_last=True)  # soundfile gives [frames, channels]
     else:
         if sampling_rate is None:
             raise AudioError("load_audio: an array needs its sampling_rate (e.g. load_audio(x, sampling_rate=44100))")
-        data, rate, name = source, int(sampling_rate), "audio array"
-    wave = _to_mono_float(data, name)
+        data, rate, name = source, _sample_rate(sampling_rate), "audio array"
+        wave = _to_mono_float(data, name)
     if wave.numel() == 0:
         raise AudioError(f"{name}: audio is empty (0 samples)")
     if not torch.isfinite(wave).all():
@@ -75,7 +76,15 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     return data, rate
 
 
-def _to_mono_float(data, name: str) -> torch.Tensor:
+def _sample_rate(rate) -> int:
+    """A positive whole number of samples per second (16000 or 16000.0; not 16000.5, NaN or 0)."""
+    ok = not isinstance(rate, bool) and isinstance(rate, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(rate) or rate != int(rate) or rate <= 0:
+        raise AudioError(f"load_audio: sampling_rate must be a positive whole number of Hz, got {rate!r}")
+    return int(rate)
+
+
+def _to_mono_float(data, name: str, channels_last: bool = False) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
     if x.is_complex() or x.dtype == torch.bool:
         raise AudioError(f"{name}: expected real audio samples, got dtype {x.dtype}")
@@ -85,8 +94,8 @@ def _to_mono_float(data, name: str) -> torch.Tensor:
         if info.min == 0:  # unsigned PCM is centred on half range
             x = x - 1.0
     x = x.float()
-    if x.dim() == 2:
-        channel_axis = 0 if x.shape[0] <= 8 and x.shape[0] < x.shape[1] else 1
+    if x.dim() == 2:  # an array's layout is guessed from its shape; a file's is known
+        channel_axis = 1 if channels_last else 0 if x.shape[0] <= 8 and x.shape[0] < x.shape[1] else 1
         if x.shape[channel_axis] > 8:
             raise AudioError(f"{name}: cannot tell channels from samples in shape {tuple(x.shape)}")
         x = x.mean(dim=channel_axis)
@@ -155,6 +164,8 @@ def log_mel(waveform, n_mels: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         n = clip.shape[0]
         if n == 0:
             raise AudioError(f"log_mel: clip {i} is empty")
+        if not torch.isfinite(clip).all():
+            raise AudioError(f"log_mel: clip {i} has {int((~torch.isfinite(clip)).sum())} NaN/inf sample(s)")
         for w in range(num_windows(n)):
             piece = clip[w * N_SAMPLES : (w + 1) * N_SAMPLES]
             windows.append(torch.nn.functional.pad(piece, (0, N_SAMPLES - piece.shape[0])))

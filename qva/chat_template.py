@@ -31,9 +31,43 @@ def media_type(item: dict) -> str | None:
     return None
 
 
+def check_messages(messages) -> None:
+    """Refuse what the template cannot render, naming the message and item: a missing or non-string role,
+    `content` that is neither a string nor a list, an item that is not a dict, text that is not a string
+    or is not valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i}: must be a dict with 'role' and 'content', got {str(m)[:80]!r}")
+        if not isinstance(m["role"], str):
+            raise ValueError(f"message {i}: 'role' must be a string, got {type(m['role']).__name__}")
+        content = m["content"]
+        if isinstance(content, str):
+            _check_text(content, f"message {i} content")
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"message {i}: 'content' must be a string or a list of items, got {type(content).__name__}")
+        for j, item in enumerate(content):
+            if not isinstance(item, dict):
+                raise ValueError(f"message {i} item {j}: must be a dict like {{'type': 'text', 'text': ...}}, got {type(item).__name__}")
+            if media_type(item) is None:
+                if "text" not in item:
+                    raise ValueError(f"message {i} item {j}: neither text nor image/video/audio (keys {sorted(item)})")
+                _check_text(item["text"], f"message {i} item {j} text")
+
+
+def _check_text(text, where: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: not valid Unicode at character {e.start} ({text[e.start]!r}: a lone surrogate)") from None
+
+
 def render(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise ValueError("messages must be a list of {'role': ..., 'content': str | list of items} dicts")
+    check_messages(messages)
     counts = dict.fromkeys(MEDIA, 0)
     out = []
     for i, message in enumerate(messages):

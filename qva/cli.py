@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -96,10 +98,15 @@ def demo_inputs(args) -> None:
 def run(args) -> None:
     import qva
 
-    from .generate import stream_text
+    from .generate import check_generation_args, stream_text
 
     if args.demo:
         demo_inputs(args)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    check_generation_args(args.max_new_tokens, **{k: v for k, v in sampling.items() if k != "seed"})
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError("--top-k/--top-p need sampling: give a --temperature > 0 as well")
     if args.model is None or args.prompt is None:
         raise UserError("--model and --prompt are required (or use --demo)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -124,7 +131,6 @@ def run(args) -> None:
     inputs = {k: (v.to(args.device) if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
     n_prompt = inputs["input_ids"].shape[1]
 
-    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
     stats: dict = {}
     t_start = time.perf_counter()
     for piece in stream_text(model, model.processor, inputs, stats, max_new_tokens=args.max_new_tokens, compile=args.compile, **sampling):

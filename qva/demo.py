@@ -94,14 +94,9 @@ def demo_tokenizer():
     return tok
 
 
-def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A random-weight Qwen2-VL as the Hub stores it: flat config, tied embeddings (no lm_head), tokenizer."""
-    import json
-
-    from .model import QVAModel
-    from .qwen2vl_config import Qwen2VLConfig
-
-    config = {
+def tiny_qwen2vl_config(dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The demo Qwen2-VL's `config.json`: the Hub's flat layout at a tiny size (hidden 64, 2 layers)."""
+    return {
         "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_act": "silu",
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
@@ -111,6 +106,16 @@ def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dt
         "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 4, "in_chans": 3, "hidden_size": 64,
                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
     }
+
+
+def write_tiny_qwen2vl(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-weight Qwen2-VL as the Hub stores it: flat config, tied embeddings (no lm_head), tokenizer."""
+    import json
+
+    from .model import QVAModel
+    from .qwen2vl_config import Qwen2VLConfig
+
+    config = tiny_qwen2vl_config(dtype)
     model = randomize_(QVAModel(Qwen2VLConfig.from_dict(config)), seed, std=0.1, gain_std=0.1)
     with torch.no_grad():
         # tied embeddings: every row but the printable ASCII bytes' is zero, so the random model's

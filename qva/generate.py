@@ -9,6 +9,7 @@ with bf16/fp16 weights the compiled step's matrix–vector products are `qva.gem
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator
 
@@ -58,6 +59,24 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
+    """Refuse arguments that torch would fail on, or that would silently change the output, by name."""
+    def number(name, v, ok, want):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be {want}, got {v!r}")
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
+    number("temperature", temperature, lambda v: v >= 0, "a finite number ≥ 0 (0 or do_sample=False: greedy)")
+    number("repetition_penalty", repetition_penalty, lambda v: v > 0, "a finite number > 0 (1.0: off)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer ≥ 0 (0 or None: off), got {top_k!r}")
+    if top_p is not None:
+        number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1.0 or None: off)")
+    if do_sample and temperature == 0:
+        raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy decoding)")
+
+
 class Decoder:
     """One decode step over a static cache: token ids `[B]` → next-token logits `[B, V]`."""
 
@@ -102,6 +121,9 @@ def generate_tokens(
     unknown = set(media) - set(MEDIA_KEYS)
     if unknown:
         raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+    media = {k: v for k, v in media.items() if v is not None}
+    model.check_inputs(input_ids, attention_mask, **media)
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     b, s = input_ids.shape
@@ -112,7 +134,7 @@ def generate_tokens(
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    embeds, positions, deltas = model.embed_inputs(input_ids, mask, **{k: v for k, v in media.items() if v is not None})
+    embeds, positions, deltas = model.embed_inputs(input_ids, mask, **media, check=False)
     cfg = model.config.text
     stored = model.lm_head.weight.dtype
     cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, stored, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
+
+from weights_loader import CheckpointError, Fields
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,15 +40,30 @@ class VisionPreprocessConfig:
     image_std: tuple[float, ...] = CLIP_STD
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionPreprocessConfig":
-        size = d.get("size") or {}
+    def from_dict(cls, d: dict, source: str = "preprocessor_config.json") -> "VisionPreprocessConfig":
+        """Read and check the fields (a wrong type or impossible value names the file and field)."""
+        f = Fields(d, source)
+        size = f.sub("size") if d.get("size") is not None else Fields({}, source, "size.")
+        min_pixels = f.int("min_pixels") if "min_pixels" in f else size.int("shortest_edge", cls.min_pixels)
+        max_pixels = f.int("max_pixels") if "max_pixels" in f else size.int("longest_edge", cls.max_pixels)
+        if min_pixels > max_pixels:
+            raise f.error("min_pixels", f"{min_pixels} must not exceed max_pixels {max_pixels}")
         return cls(
-            min_pixels=d.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
-            max_pixels=d.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
-            patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
-            merge_size=d.get("merge_size", 2),
-            image_mean=tuple(d.get("image_mean", CLIP_MEAN)), image_std=tuple(d.get("image_std", CLIP_STD)),
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=f.int("patch_size", 14),
+            temporal_patch_size=f.int("temporal_patch_size", 2), merge_size=f.int("merge_size", 2),
+            image_mean=tuple(f.floats("image_mean", CLIP_MEAN, length=3)),
+            image_std=tuple(f.floats("image_std", CLIP_STD, length=3, positive=True)),
         )
+
+    def check_against(self, vision, source: str) -> None:
+        """The patch geometry must be the vision tower's (`vision`: the model's VisionConfig)."""
+        for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                             ("merge_size", "spatial_merge_size")):
+            if getattr(self, ours) != getattr(vision, theirs):
+                raise CheckpointError(
+                    f"{source}: field {ours!r} is {getattr(self, ours)} but the model's vision_config.{theirs} is "
+                    f"{getattr(vision, theirs)}"
+                )
 
     @property
     def factor(self) -> int:
@@ -54,6 +72,11 @@ class VisionPreprocessConfig:
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """Sides rounded to multiples of `factor` (Python's banker's `round`), area brought into [min, max]."""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ImageError(f"{name} must be a positive integer, got {value!r}")
+    if min_pixels > max_pixels:
+        raise ImageError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
     if min(height, width) <= 0:
         raise ImageError(f"image has an empty side: {height}×{width}")
     if max(height, width) / min(height, width) > 200:
@@ -78,9 +101,14 @@ def to_rgb(image, name: str = "image") -> Image.Image:
         if not path.is_file():
             raise ImageError(f"{path}: no such image file")
         try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
+            with warnings.catch_warnings():  # sizes are checked below, with a clearer message than PIL's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    check_pixel_count(im.width, im.height, str(path))
+                    im.load()
+                    image = im.copy()
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{path}: too many pixels to decode safely ({e})") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ImageError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
         name = str(path)
@@ -94,14 +122,26 @@ def to_rgb(image, name: str = "image") -> Image.Image:
             arr = arr[..., 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
             raise ImageError(f"{name}: expected [H, W], [H, W, 3|4] or [3|4, H, W], got shape {list(arr.shape)}")
+        check_pixel_count(arr.shape[1], arr.shape[0], name)
         image = Image.fromarray(arr)
     elif not isinstance(image, Image.Image):
         raise ImageError(f"{name}: expected a path, PIL image or uint8 array, got {type(image).__name__}")
+    check_pixel_count(image.width, image.height, name)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def check_pixel_count(width: int, height: int, name: str) -> None:
+    """Refuse images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageError(
+            f"{name}: {width}×{height} = {width * height} pixels is over the decompression-bomb limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS); downscale it first, or raise that limit if you trust the file"
+        )
 
 
 def _normalized(image: Image.Image, size: tuple[int, int], cfg: VisionPreprocessConfig) -> np.ndarray:
@@ -129,7 +169,7 @@ def patchify(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[torch.Ten
 def process_image(image, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
     """One image → (rows `[N, 1176]` float32, grid [1, h/14, w/14])."""
     rgb = to_rgb(image)
-    size = smart_resize(rgb.height, rgb.width, cfg.factor, min_pixels or cfg.min_pixels, max_pixels or cfg.max_pixels)
+    size = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels if min_pixels is None else min_pixels, cfg.max_pixels if max_pixels is None else max_pixels)
     x = _normalized(rgb, size, cfg)
     return patchify(np.repeat(x[None], cfg.temporal_patch_size, axis=0), cfg)
 
@@ -160,7 +200,7 @@ def process_video(video, cfg: VisionPreprocessConfig, min_pixels: int | None = N
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise ImageError(f"video frames differ in size: {sorted(sizes)}")
-    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, min_pixels or cfg.min_pixels, max_pixels or cfg.max_pixels)
+    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels if min_pixels is None else min_pixels, cfg.max_pixels if max_pixels is None else max_pixels)
     x = np.stack([_normalized(f, size, cfg) for f in frames])  # [T, 3, h, w]
     if len(frames) % cfg.temporal_patch_size:
         pad = cfg.temporal_patch_size - len(frames) % cfg.temporal_patch_size

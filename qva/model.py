@@ -92,6 +92,54 @@ class QVAModel(nn.Module):
         with upcast(self.audio_projector, dtype=rows.dtype):
             return self.audio_projector(rows)
 
+    def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                     video_grid_thw=None, input_features=None, audio_valid_frames=None) -> None:
+        """Refuse a prompt batch before any compute, naming the argument: shapes, the context length, token
+        ids outside the vocabulary, placeholders without (or with the wrong amount of) media, NaN/inf media.
+        Runs once per prompt on the host (a few reductions), never per decoded token."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.numel() == 0:
+            got = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a non-empty [batch, seq] integer tensor, got {got}")
+        limit = cfg.text.max_position_embeddings
+        if input_ids.shape[1] > limit:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, over the model's context of {limit} (max_position_embeddings)")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got {list(attention_mask.shape)}")
+        ids = input_ids.cpu()
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.text.vocab_size:
+            raise ValueError(f"input_ids has token id {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.text.vocab_size})")
+        merge = cfg.vision.spatial_merge_size**2
+        audio_rows = None
+        if input_features is not None:
+            if self.audio_encoder is None:
+                raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
+            windows = input_features.shape[0] if input_features.dim() == 3 else 1
+            valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [cfg.audio.input_frames] * windows
+            audio_rows = sum(audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid)
+        media = (
+            ("image", "pixel_values", cfg.image_token_id, pixel_values, image_grid_thw),
+            ("video", "pixel_values_videos", cfg.video_token_id, pixel_values_videos, video_grid_thw),
+            ("audio", "input_features", cfg.audio_token_id, input_features, None),
+        )
+        for kind, name, token_id, values, grid in media:
+            n = int((ids == token_id).sum()) if kind != "audio" or cfg.audio is not None else 0
+            if values is None:
+                if n:
+                    raise ValueError(f"input_ids has {n} {kind} placeholder token(s) (id {token_id}) but no {name} were given")
+                continue
+            if grid is not None:
+                rows = int(grid.prod(-1).sum()) // merge
+            elif kind == "audio":
+                rows = audio_rows
+            else:
+                raise ValueError(f"{name} given without {kind}_grid_thw")
+            if n != rows:
+                raise ValueError(f"input_ids has {n} {kind} placeholder token(s) (id {token_id}) but {name} make {rows} {kind} rows")
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{name} has {int((~torch.isfinite(values)).sum())} NaN/inf value(s)")
+
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         cfg = self.config
         return rope_index(
@@ -110,8 +158,13 @@ class QVAModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
+        check: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The LLM's inputs for a prompt batch: embeddings `[B, S, D]`, positions `[3, B, S]`, rope deltas `[B, 1]`."""
+        """The LLM's inputs for a prompt batch: embeddings `[B, S, D]`, positions `[3, B, S]`, rope deltas `[B, 1]`.
+        `check=False` skips `check_inputs` (for a caller that has just run it)."""
+        if check:
+            self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                              input_features, audio_valid_frames)
         features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if input_features is not None:
             features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames)))

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from weights_loader import CheckpointError
+
 from . import chat_template
 from .audio import SAMPLE_RATE, audio_token_count, load_audio, log_mel
 from .image_processing import VisionPreprocessConfig, process_image, process_video
@@ -47,8 +49,12 @@ class Processor:
         self.image_token_id = self.token_id(IMAGE_PAD)
         self.video_token_id = self.token_id(VIDEO_PAD)
         self.audio_token_id = self.token_id(AUDIO_PAD)
-        if config is not None and config.audio is not None and self.audio_token_id != config.audio_token_id:
-            raise ValueError(f"tokenizer gives <|audio_pad|> id {self.audio_token_id}, the model expects {config.audio_token_id}")
+        if config is not None:
+            for token, ours, theirs in ((IMAGE_PAD, self.image_token_id, config.image_token_id),
+                                        (VIDEO_PAD, self.video_token_id, config.video_token_id),
+                                        (AUDIO_PAD, self.audio_token_id, config.audio_token_id if config.audio else None)):
+                if theirs is not None and ours != theirs:
+                    raise ValueError(f"the tokenizer gives {token} id {ours}, the model's config expects {theirs}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config=None) -> "Processor":
@@ -59,19 +65,35 @@ class Processor:
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(tok_file))
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises its own Exception type for any bad file
+            raise CheckpointError(f"{tok_file}: not a valid tokenizer file ({e})") from None
 
         def read(name: str) -> dict | None:
             f = path / name
-            return json.loads(f.read_text()) if f.is_file() else None
+            if not f.is_file():
+                return None
+            try:
+                return json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: invalid JSON ({e})") from None
 
         pre = read("preprocessor_config.json") or {}
         video = read("video_preprocessor_config.json")
         if config is None and (path / "config.json").is_file():
             config = Qwen2VLConfig.from_pretrained(path)
+        image_cfg = VisionPreprocessConfig.from_dict(pre, str(path / "preprocessor_config.json"))
+        video_cfg = VisionPreprocessConfig.from_dict(video, str(path / "video_preprocessor_config.json")) if video else None
+        if config is not None:
+            image_cfg.check_against(config.vision, str(path / "preprocessor_config.json"))
+            if video_cfg is not None:
+                video_cfg.check_against(config.vision, str(path / "video_preprocessor_config.json"))
         kept = {n: (path / n).read_text() for n in KEPT_FILES if (path / n).is_file()}
-        return cls(tokenizer, VisionPreprocessConfig.from_dict(pre), VisionPreprocessConfig.from_dict(video) if video else None,
-                   config, pre, kept)
+        try:
+            return cls(tokenizer, image_cfg, video_cfg, config, pre, kept)
+        except ValueError as e:
+            raise CheckpointError(f"{tok_file}: {e}") from None
 
     @property
     def feature_size(self) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from weights_loader import CheckpointError, read_config
+from weights_loader import CheckpointError, Fields, read_config
 
 from .whisper_encoder import WhisperEncoderConfig
 
@@ -93,78 +93,79 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2VLConfig":
+        """Read and check every field: a wrong type or impossible value names the file and the field."""
+        f = Fields(d, source)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; qva loads {', '.join(SUPPORTED_MODEL_TYPES)} "
                 "(Qwen2-VL 2B/7B/72B). Qwen2.5-VL and Qwen3-VL use a different vision tower."
             )
-        text_src = d.get("text_config") or d  # nested (transformers 5) or flat (Hub)
-        rope = text_src.get("rope_parameters") or text_src.get("rope_scaling") or d.get("rope_scaling") or {}
-
-        def need(src: dict, key: str, where: str):
-            if key not in src:
-                raise CheckpointError(f"{source}: missing {where}{key!r}")
-            return src[key]
-
-        where = "text_config." if "text_config" in d else ""
-        theta = rope.get("rope_theta", text_src.get("rope_theta", d.get("rope_theta")))
-        if theta is None:
-            raise CheckpointError(f"{source}: missing rope_theta (top level, or in rope_parameters)")
-        if "mrope_section" not in rope:
+        t = f.sub("text_config") if d.get("text_config") is not None else f  # nested (transformers 5) or flat (Hub)
+        rope = next((src.sub(k) for src, k in ((t, "rope_parameters"), (t, "rope_scaling"), (f, "rope_scaling"))
+                     if src.data.get(k) is not None), None)
+        if rope is None or "mrope_section" not in rope:
             raise CheckpointError(f"{source}: missing mrope_section (in rope_scaling / rope_parameters)")
-        if text_src.get("use_sliding_window"):
+        theta_src = next((src for src in (rope, t, f) if "rope_theta" in src), None)
+        if theta_src is None:
+            raise CheckpointError(f"{source}: missing rope_theta (top level, or in rope_parameters)")
+        if t.bool("use_sliding_window", False):
             raise CheckpointError(f"{source}: use_sliding_window=true is not supported (no Qwen2-VL checkpoint uses it)")
-        heads = need(text_src, "num_attention_heads", where)
+        hidden, heads = t.int("hidden_size"), t.int("num_attention_heads")
+        kv_heads = t.int("num_key_value_heads", heads)
+        if hidden % heads or (hidden // heads) % 2:
+            raise t.error("num_attention_heads", f"must divide hidden_size {hidden} into an even head_dim, got {heads}")
+        if heads % kv_heads:
+            raise t.error("num_key_value_heads", f"must divide num_attention_heads {heads}, got {kv_heads}")
         text = TextConfig(
-            vocab_size=need(text_src, "vocab_size", where),
-            hidden_size=need(text_src, "hidden_size", where),
-            intermediate_size=need(text_src, "intermediate_size", where),
-            num_hidden_layers=need(text_src, "num_hidden_layers", where),
+            vocab_size=t.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=t.int("intermediate_size"),
+            num_hidden_layers=t.int("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=text_src.get("num_key_value_heads") or heads,
-            rms_norm_eps=float(need(text_src, "rms_norm_eps", where)),
-            rope_theta=float(theta),
-            mrope_section=list(rope["mrope_section"]),
-            max_position_embeddings=text_src.get("max_position_embeddings", 32768),
-            hidden_act=text_src.get("hidden_act", "silu"),
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=t.float("rms_norm_eps"),
+            rope_theta=theta_src.float("rope_theta"),
+            mrope_section=rope.ints("mrope_section", length=3),
+            max_position_embeddings=t.int("max_position_embeddings"),
+            hidden_act=t.str("hidden_act", "silu", choices=("silu",)),
         )
         if 2 * sum(text.mrope_section) != text.head_dim:
-            raise CheckpointError(f"{source}: mrope_section {text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}")
-        if text.hidden_act != "silu":
-            raise CheckpointError(f"{source}: hidden_act {text.hidden_act!r} unsupported (Qwen2-VL uses 'silu')")
+            raise rope.error("mrope_section", f"{text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}")
 
-        v = need(d, "vision_config", "")
+        v = f.sub("vision_config")
+        embed, vheads = v.int("embed_dim"), v.int("num_heads")
+        if embed % vheads or (embed // vheads) % 4:
+            raise v.error("num_heads", f"must divide embed_dim {embed} into a head_dim divisible by 4 (2-D rotary), got {vheads}")
         vision = VisionConfig(
-            depth=need(v, "depth", "vision_config."),
-            embed_dim=need(v, "embed_dim", "vision_config."),
-            hidden_size=v.get("hidden_size", text.hidden_size),
-            num_heads=need(v, "num_heads", "vision_config."),
-            mlp_ratio=v.get("mlp_ratio", 4),
-            in_channels=v.get("in_channels", v.get("in_chans", 3)),
-            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            hidden_act=v.get("hidden_act", "quick_gelu"),
-            rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            depth=v.int("depth"),
+            embed_dim=embed,
+            hidden_size=v.int("hidden_size", text.hidden_size),
+            num_heads=vheads,
+            mlp_ratio=v.number("mlp_ratio", 4),
+            in_channels=v.int("in_channels") if "in_channels" in v else v.int("in_chans", 3),
+            patch_size=v.int("patch_size") if "patch_size" in v else v.int("spatial_patch_size", 14),
+            spatial_merge_size=v.int("spatial_merge_size", 2),
+            temporal_patch_size=v.int("temporal_patch_size", 2),
+            hidden_act=v.str("hidden_act", "quick_gelu", choices=("quick_gelu", "gelu")),
+            rope_theta=v.sub("rope_parameters").float("rope_theta", 10000.0) if v.data.get("rope_parameters") is not None else 10000.0,
         )
         if vision.hidden_size != text.hidden_size:
-            raise CheckpointError(f"{source}: vision_config.hidden_size {vision.hidden_size} != LLM hidden_size {text.hidden_size}")
-        tie = d.get("tie_word_embeddings", text_src.get("tie_word_embeddings", False))
+            raise v.error("hidden_size", f"{vision.hidden_size} must equal the LLM's hidden_size {text.hidden_size}")
+        tie = f.bool("tie_word_embeddings") if "tie_word_embeddings" in f else t.bool("tie_word_embeddings", False)
         keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", *AUDIO_TOKEN_IDS)
-        ids = {k: d[k] for k in keys if k in d}
-        init = d.get("initializer_range", text_src.get("initializer_range", 0.02))
-        cfg = cls(text=text, vision=vision, tie_word_embeddings=bool(tie), initializer_range=init, raw=dict(d), **ids)
-        if d.get("has_audio_encoder"):
-            if "audio_config" not in d:
-                raise CheckpointError(f"{source}: has_audio_encoder is true but there is no audio_config")
-            audio = WhisperEncoderConfig.from_dict(d["audio_config"], f"{source} audio_config")
-            if d.get("audio_hidden_size", audio.d_model) != audio.d_model:
-                raise CheckpointError(f"{source}: audio_hidden_size {d['audio_hidden_size']} != audio_config.d_model {audio.d_model}")
-            try:
-                cfg = cfg.with_audio(audio, d.get("audio_frames", "valid"), d.get("audio_pool", 1))
-            except ValueError as e:
-                raise CheckpointError(f"{source}: {e}") from None
+        ids = {k: f.int(k, minimum=0) for k in keys if f.data.get(k) is not None}
+        for k, tid in ids.items():
+            if tid >= text.vocab_size:
+                raise f.error(k, f"{tid} is outside the vocabulary (vocab_size {text.vocab_size})")
+        init_src = f if "initializer_range" in f else t
+        cfg = cls(text=text, vision=vision, tie_word_embeddings=tie, initializer_range=init_src.float("initializer_range", 0.02),
+                  raw=dict(d), **ids)
+        if f.bool("has_audio_encoder", False):
+            audio = WhisperEncoderConfig.from_fields(f.sub("audio_config"))
+            if f.int("audio_hidden_size", audio.d_model) != audio.d_model:
+                raise f.error("audio_hidden_size", f"{d['audio_hidden_size']} must equal audio_config.d_model {audio.d_model}")
+            cfg = cfg.with_audio(audio, f.str("audio_frames", "valid", choices=AUDIO_FRAMES), f.int("audio_pool", 1))
         return cfg
 
     @classmethod

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into, read_config
+from weights_loader import Checkpoint, CheckpointError, Fields, assert_materialized, load_into, read_config
 
+from .audio import N_FRAMES
 from .compute_dtype import Workspace, large_matmul_dtype, upcast
 
 LAYER_NORM_EPS = 1e-5
@@ -38,14 +39,27 @@ class WhisperEncoderConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "WhisperEncoderConfig":
-        if cfg.get("model_type", "whisper") != "whisper":
-            raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not a Whisper config")
-        if cfg.get("activation_function", "gelu") != "gelu":
-            raise CheckpointError(f"{source}: activation_function {cfg['activation_function']!r} unsupported (Whisper uses 'gelu')")
-        missing = [f.name for f in fields(cls) if f.name not in cfg and f.name != "activation_function"]
+        return cls.from_fields(Fields(cfg, source))
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> "WhisperEncoderConfig":
+        """Read and check every field: a wrong type or impossible value names the file and the field."""
+        if f.data.get("model_type", "whisper") != "whisper":
+            raise f.error("model_type", f"is {f.data.get('model_type')!r}: not a Whisper config")
+        f.str("activation_function", "gelu", choices=("gelu",))
+        missing = [x.name for x in fields(cls) if x.name not in f.data and x.name != "activation_function"]
         if missing:
-            raise CheckpointError(f"{source}: Whisper config lacks {', '.join(missing)}")
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+            raise CheckpointError(f"{f.source}: Whisper config lacks {', '.join(f.where + m for m in missing)}")
+        d_model, heads = f.int("d_model"), f.int("encoder_attention_heads")
+        if d_model % heads:
+            raise f.error("encoder_attention_heads", f"must divide d_model {d_model}, got {heads}")
+        positions = f.int("max_source_positions")
+        if positions != N_FRAMES // 2:
+            raise f.error("max_source_positions", f"must be {N_FRAMES // 2} (30 s windows of {N_FRAMES} mel frames), got {positions}")
+        return cls(
+            num_mel_bins=f.int("num_mel_bins"), d_model=d_model, encoder_layers=f.int("encoder_layers"),
+            encoder_attention_heads=heads, encoder_ffn_dim=f.int("encoder_ffn_dim"), max_source_positions=positions,
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "WhisperEncoderConfig":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def _deterministic():
 # -- tiny Qwen2-VL checkpoints --------------------------------------------------------------------------
 QWEN_TOKENIZER = SHARED / "qwen2-vl-tokenizer"
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+AUDIO_START, AUDIO_END, AUDIO_PAD = 151657, 151658, 151659
 
 
 def tiny_qwen2vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
@@ -116,3 +118,106 @@ def left_padded(rows: list[list[int]], pad_id: int = 151643) -> tuple[torch.Tens
     ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+# -- prompts and media by token id -----------------------------------------------------------------------
+def vision_block(pad: int, grid: list[int]) -> list[int]:
+    t, h, w = grid
+    return [VISION_START] + [pad] * (t * h * w // 4) + [VISION_END]
+
+
+def prompt(*parts) -> list[int]:
+    ids = [151644, 872, 198]  # <|im_start|>user\n
+    for p in parts:
+        ids += p if isinstance(p, list) else [p]
+    return ids + [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
+
+
+def pixels(grids: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 1176, generator=torch.Generator().manual_seed(seed)), torch.tensor(grids)
+
+
+def speechlike(seconds: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * 16000)) / 16000
+    return (0.3 * torch.sin(2 * math.pi * 180 * t * (1 + 0.3 * torch.sin(3 * t))) + 0.05 * torch.randn(t.shape, generator=g)).float()
+
+
+def audio_block(n: int) -> list[int]:
+    return [AUDIO_START] + [AUDIO_PAD] * n + [AUDIO_END]
+
+
+# -- the audio graft's reference: transformers parts + nn.Linear + masked_scatter ------------------------
+def reference_audio_tokens(valid_mel: int, frames: str, pool: int) -> int:
+    enc = (valid_mel - 1) // 2 + 1 if frames == "valid" else 1500  # Qwen2-Audio's conv length formula
+    return math.ceil(enc / pool)
+
+
+def reference_features(waves: list[torch.Tensor], n_mels: int):
+    """transformers' WhisperFeatureExtractor on each 30 s window of each clip; valid frames from its mask."""
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=n_mels)
+    feats, valid = [], []
+    for w in waves:
+        for start in range(0, w.shape[0], 480_000):
+            out = fe(w[start : start + 480_000].numpy(), sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
+            feats.append(out.input_features)
+            valid.append(int(out.attention_mask.sum()))
+    return torch.cat(feats), valid
+
+
+class Reference:
+    def __init__(self, qwen, whisper_encoder, projector_weight, frames="valid", pool=1):
+        self.qwen, self.whisper, self.frames, self.pool = qwen.eval(), whisper_encoder.eval(), frames, pool
+        self.proj = torch.nn.Linear(projector_weight.shape[1], projector_weight.shape[0], bias=False)
+        self.proj.weight.data.copy_(projector_weight)
+
+    def audio_rows(self, feats, valid):
+        states = self.whisper(feats).last_hidden_state  # [W, 1500, d]
+        if self.pool > 1:
+            states = torch.nn.AvgPool1d(self.pool, self.pool, ceil_mode=True)(states.transpose(1, 2)).transpose(1, 2)
+        rows = [states[w, : reference_audio_tokens(v, self.frames, self.pool)] for w, v in enumerate(valid)]
+        return self.proj(torch.cat(rows))
+
+    @torch.no_grad()
+    def logits(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
+        model = self.qwen
+        embeds = model.get_input_embeddings()(ids)
+        if pixel_values is not None:
+            img = model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+            img = torch.cat(img) if isinstance(img, (list, tuple)) else img
+            embeds = embeds.masked_scatter((ids == IMAGE_PAD)[..., None], img)
+        if feats is not None:
+            embeds = embeds.masked_scatter((ids == AUDIO_PAD)[..., None], self.audio_rows(feats, valid))
+        types = (ids == IMAGE_PAD).int()  # audio tokens are text (type 0)
+        pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, None, mask)
+        return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
+
+
+# -- the demo checkpoints, written once, and broken copies of them -----------------------------------------
+@pytest.fixture(scope="session")
+def demo_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny Qwen2-VL in the Hub's layout with a Qwen-id tokenizer, tiny Whisper): what `--demo` runs on."""
+    from qva.demo import write_tiny_qwen2vl, write_tiny_whisper
+
+    root = tmp_path_factory.mktemp("demo")
+    return write_tiny_qwen2vl(root / "qwen2-vl"), write_tiny_whisper(root / "whisper")
+
+
+def broken_copy(folder: Path, dst: Path, **files) -> Path:
+    """A copy of a checkpoint folder with some files replaced: `name=str | bytes | dict (as JSON) | callable(old bytes)`."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dst)
+    for name, content in files.items():
+        name = name.replace("__", ".")  # config__json → config.json
+        path = dst / name
+        if callable(content):
+            content = content(path.read_bytes())
+        if isinstance(content, dict):
+            content = json.dumps(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return dst

@@ -187,3 +187,39 @@ def test_load_audio_errors(tmp_path):
         load_audio(truncated)
     with pytest.raises(AudioError, match="shape"):
         load_audio(np.zeros((2, 3, 4), np.float32), sampling_rate=SR)
+
+
+# -- bad audio: (input, what the message must say) ---------------------------------------------------------
+def test_zero_frame_wav_is_empty_and_channels_come_from_the_file(tmp_path):
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "empty.wav"), np.zeros((0, 2), np.float32), SR)
+    with pytest.raises(AudioError, match=r"empty.wav: audio is empty \(0 samples\)"):
+        load_audio(tmp_path / "empty.wav")
+    sf.write(str(tmp_path / "mono0.wav"), np.zeros(0, np.float32), SR)
+    with pytest.raises(AudioError, match=r"mono0.wav: audio is empty"):
+        load_audio(tmp_path / "mono0.wav")
+    sf.write(str(tmp_path / "one.wav"), np.array([[0.5, -0.25]], np.float32), SR)  # 1 frame, 2 channels
+    assert load_audio(tmp_path / "one.wav").tolist() == [0.125]  # one sample: the channels' mean
+    frames = np.stack([np.linspace(-0.5, 0.5, 5), np.zeros(5)], 1).astype(np.float32)  # 5 frames × 2 channels
+    sf.write(str(tmp_path / "five.wav"), frames, SR)
+    assert torch.allclose(load_audio(tmp_path / "five.wav"), torch.from_numpy(frames.mean(1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("rate", [float("nan"), 16000.5, 0, -8000, "16000", True, float("inf")])
+def test_bad_sample_rate_is_refused(rate):
+    with pytest.raises(AudioError, match=r"sampling_rate must be a positive whole number of Hz, got"):
+        load_audio(np.zeros(100, np.float32), sampling_rate=rate)
+
+
+def test_whole_float_and_numpy_sample_rates_accepted():
+    assert load_audio(np.zeros(100, np.float32), sampling_rate=16000.0).shape == (100,)
+    assert load_audio(np.zeros(100, np.float32), sampling_rate=np.int64(16000)).shape == (100,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_log_mel_refuses_non_finite_samples(bad):
+    clip = torch.zeros(1000)
+    clip[10] = bad
+    with pytest.raises(AudioError, match=r"log_mel: clip 1 has 1 NaN/inf sample\(s\)"):
+        log_mel([torch.zeros(500), clip])

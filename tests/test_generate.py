@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_PAD, QWEN_TOKENIZER, VIDEO_PAD, left_padded, need_shared, tiny_hf_whisper, tiny_qwen2vl
-from test_graft import Reference, audio_block, audio_prompt, speechlike
-from test_model import pixels, prompt, vision_block
+from conftest import (
+    IMAGE_PAD,
+    QWEN_TOKENIZER,
+    VIDEO_PAD,
+    Reference,
+    audio_block,
+    left_padded,
+    need_shared,
+    pixels,
+    prompt,
+    speechlike,
+    tiny_hf_whisper,
+    tiny_qwen2vl,
+    vision_block,
+)
 
 import qva
 import qva.generate as gen
@@ -87,7 +99,7 @@ def test_greedy_audio_against_graft_reference(tmp_path):
     model = qva.load(tmp_path / "q", whisper=tmp_path / "w", seed=0)
     ref = Reference(ref_qwen, whisper.model.encoder, model.audio_projector.weight.detach())
     feats, valid = log_mel([speechlike(2.0, 1)], 80)
-    ids = torch.tensor([audio_prompt(audio_block(100), 3838)])
+    ids = torch.tensor([prompt(audio_block(100), 3838)])
     seq = ids
     for _ in range(N):
         logits = ref.logits(seq, None, feats, valid.tolist())
@@ -181,3 +193,28 @@ def test_stream_holds_back_split_utf8(monkeypatch):
     pieces = list(gen.stream_text(None, proc, {"input_ids": torch.zeros(1, 1, dtype=torch.long)}))
     assert "".join(pieces) == target
     assert not any("\ufffd" in p for p in pieces)
+
+
+# -- bad arguments: a ValueError naming the argument, before any compute ------------------------------------
+BAD_ARGS = [
+    ({"max_new_tokens": -1}, "max_new_tokens must be an integer ≥ 0, got -1"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer ≥ 0, got 2.5"),
+    ({"top_k": -1, "do_sample": True}, "top_k must be an integer ≥ 0"),
+    ({"top_p": 0.0, "do_sample": True}, "top_p must be in (0, 1]"),
+    ({"top_p": 1.5, "do_sample": True}, "top_p must be in (0, 1]"),
+    ({"top_p": float("nan"), "do_sample": True}, "top_p must be in (0, 1]"),
+    ({"temperature": -0.5, "do_sample": True}, "temperature must be a finite number ≥ 0"),
+    ({"temperature": float("nan"), "do_sample": True}, "temperature must be a finite number ≥ 0 (0 or do_sample=False: greedy), got nan"),
+    ({"temperature": 0.0, "do_sample": True}, "temperature must be > 0 when do_sample=True"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty must be a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ARGS, ids=[m for _, m in BAD_ARGS])
+def test_bad_generation_arguments(demo_dirs, kwargs, message, monkeypatch):
+    model = QVAModel.from_pretrained(demo_dirs[0])
+    monkeypatch.setattr(model, "embed_inputs", lambda *a, **k: pytest.fail("computed before checking the arguments"))
+    with pytest.raises(ValueError) as e:
+        model.generate(input_ids=torch.tensor([prompt(9707)]), **kwargs)
+    assert message in str(e.value), str(e.value)

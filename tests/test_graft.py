@@ -11,63 +11,30 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IMAGE_PAD, JFK, QWEN_TOKENIZER, VISION_END, VISION_START, WHISPER_TINY_EN, left_padded, need_shared, tiny_hf_whisper, tiny_qwen2vl,
+    AUDIO_PAD,
+    IMAGE_PAD,
+    JFK,
+    QWEN_TOKENIZER,
+    VISION_END,
+    VISION_START,
+    WHISPER_TINY_EN,
+    Reference,
+    audio_block,
+    left_padded,
+    need_shared,
+    prompt,
+    reference_audio_tokens,
+    reference_features,
+    speechlike,
+    tiny_hf_whisper,
+    tiny_qwen2vl,
 )
 
 import qva
 from qva.audio import load_audio, log_mel
 from weights_loader import Checkpoint, CheckpointError
 
-AUDIO_START, AUDIO_END, AUDIO_PAD = 151657, 151658, 151659
 TOL = 1e-4
-
-
-# -- the reference --------------------------------------------------------------------------------------
-def reference_audio_tokens(valid_mel: int, frames: str, pool: int) -> int:
-    enc = (valid_mel - 1) // 2 + 1 if frames == "valid" else 1500  # Qwen2-Audio's conv length formula
-    return math.ceil(enc / pool)
-
-
-def reference_features(waves: list[torch.Tensor], n_mels: int):
-    """transformers' WhisperFeatureExtractor on each 30 s window of each clip; valid frames from its mask."""
-    from transformers import WhisperFeatureExtractor
-
-    fe = WhisperFeatureExtractor(feature_size=n_mels)
-    feats, valid = [], []
-    for w in waves:
-        for start in range(0, w.shape[0], 480_000):
-            out = fe(w[start : start + 480_000].numpy(), sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
-            feats.append(out.input_features)
-            valid.append(int(out.attention_mask.sum()))
-    return torch.cat(feats), valid
-
-
-class Reference:
-    def __init__(self, qwen, whisper_encoder, projector_weight, frames="valid", pool=1):
-        self.qwen, self.whisper, self.frames, self.pool = qwen.eval(), whisper_encoder.eval(), frames, pool
-        self.proj = torch.nn.Linear(projector_weight.shape[1], projector_weight.shape[0], bias=False)
-        self.proj.weight.data.copy_(projector_weight)
-
-    def audio_rows(self, feats, valid):
-        states = self.whisper(feats).last_hidden_state  # [W, 1500, d]
-        if self.pool > 1:
-            states = torch.nn.AvgPool1d(self.pool, self.pool, ceil_mode=True)(states.transpose(1, 2)).transpose(1, 2)
-        rows = [states[w, : reference_audio_tokens(v, self.frames, self.pool)] for w, v in enumerate(valid)]
-        return self.proj(torch.cat(rows))
-
-    @torch.no_grad()
-    def logits(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
-        model = self.qwen
-        embeds = model.get_input_embeddings()(ids)
-        if pixel_values is not None:
-            img = model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
-            img = torch.cat(img) if isinstance(img, (list, tuple)) else img
-            embeds = embeds.masked_scatter((ids == IMAGE_PAD)[..., None], img)
-        if feats is not None:
-            embeds = embeds.masked_scatter((ids == AUDIO_PAD)[..., None], self.audio_rows(feats, valid))
-        types = (ids == IMAGE_PAD).int()  # audio tokens are text (type 0)
-        pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, None, mask)
-        return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -85,23 +52,6 @@ def whisper_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("whisper")
     whisper.save_pretrained(folder)
     return whisper.model.encoder, folder
-
-
-def speechlike(seconds: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * 16000)) / 16000
-    return (0.3 * torch.sin(2 * math.pi * 180 * t * (1 + 0.3 * torch.sin(3 * t))) + 0.05 * torch.randn(t.shape, generator=g)).float()
-
-
-def audio_prompt(*parts) -> list[int]:
-    ids = [151644, 872, 198]
-    for p in parts:
-        ids += p if isinstance(p, list) else [p]
-    return ids + [151645, 198, 151644, 77091, 198]
-
-
-def audio_block(n: int) -> list[int]:
-    return [AUDIO_START] + [AUDIO_PAD] * n + [AUDIO_END]
 
 
 def run_case(qwen_dir, whisper_dir, waves, frames="valid", pool=1, image=None, batch_pad=None):
@@ -122,10 +72,10 @@ def run_case(qwen_dir, whisper_dir, waves, frames="valid", pool=1, image=None, b
     if image is not None:
         media = dict(pixel_values=torch.randn(24, 1176, generator=torch.Generator().manual_seed(5)), image_grid_thw=torch.tensor([[1, 4, 6]]))
         parts = [[VISION_START] + [IMAGE_PAD] * 6 + [VISION_END], 11] + parts
-    ids = torch.tensor([audio_prompt(*parts)])
+    ids = torch.tensor([prompt(*parts)])
     mask = None
     if batch_pad is not None:
-        ids, mask = left_padded([ids[0].tolist(), audio_prompt(9707, 1879)])
+        ids, mask = left_padded([ids[0].tolist(), prompt(9707, 1879)])
     with torch.no_grad():
         got = model(ids, attention_mask=mask, input_features=feats, audio_valid_frames=valid, **media).logits
     want = ref.logits(ids, mask, ref_feats, ref_valid, **media)
@@ -187,7 +137,7 @@ def test_real_whisper_tiny_en_on_speech(qwen_dir, tmp_path):
     ref_feats, ref_valid = reference_features([wave], 80)
     n = reference_audio_tokens(ref_valid[0], "valid", 1)
     assert n == 550  # 11 s of speech at 50 tokens/s
-    ids = torch.tensor([audio_prompt(audio_block(n), 3838)])
+    ids = torch.tensor([prompt(audio_block(n), 3838)])
     with torch.no_grad():
         got = model(ids, input_features=feats, audio_valid_frames=valid).logits
     assert (got - ref.logits(ids, None, ref_feats, ref_valid)).abs().max().item() <= TOL
@@ -234,7 +184,7 @@ def test_save_load_round_trip_bit_identical(qwen_dir, whisper_dir, tmp_path):
 
     back = qva.load(tmp_path / "graft")
     feats, valid = log_mel([speechlike(3.0, 9)], 80)
-    ids = torch.tensor([audio_prompt(audio_block(750), 30)])
+    ids = torch.tensor([prompt(audio_block(750), 30)])
     with torch.no_grad():
         a = model(ids, input_features=feats, audio_valid_frames=valid).logits
         b = back(ids, input_features=feats, audio_valid_frames=valid).logits
@@ -257,7 +207,7 @@ def test_saved_graft_loads_into_the_reference(qwen_dir, whisper_dir, tmp_path):
     qwen = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "graft")
     ref = Reference(qwen, enc, proj.weight.detach())
     feats, valid = log_mel([speechlike(2.0, 10)], 80)
-    ids = torch.tensor([audio_prompt(audio_block(100), 30)])
+    ids = torch.tensor([prompt(audio_block(100), 30)])
     with torch.no_grad():
         got = model(ids, input_features=feats, audio_valid_frames=valid).logits
     assert (got - ref.logits(ids, None, feats, valid.tolist())).abs().max().item() <= TOL
@@ -268,7 +218,7 @@ def test_plain_model_and_errors(qwen_dir, whisper_dir, tmp_path):
     assert plain.audio_encoder is None and plain.audio_projector is None
     feats, valid = log_mel([speechlike(1.0, 11)], 80)
     with pytest.raises(ValueError, match="no audio encoder.*whisper="):
-        plain(torch.tensor([audio_prompt(audio_block(50))]), input_features=feats, audio_valid_frames=valid)
+        plain(torch.tensor([prompt(audio_block(50))]), input_features=feats, audio_valid_frames=valid)
     # a projector whose shape disagrees with the LLM width
     model = qva.load(qwen_dir[1], whisper=whisper_dir[1])
     qva.save(model, tmp_path / "g")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,14 +11,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qva.image_processing import ImageError, VisionPreprocessConfig, process_image, process_video, smart_resize
+from qva.image_processing import (
+    ImageError,
+    VisionPreprocessConfig,
+    process_image,
+    process_video,
+    smart_resize,
+)
 
 MIN, MAX = 56 * 56, 160_000  # a small max keeps "over max_pixels" inputs cheap
 CFG = VisionPreprocessConfig(min_pixels=MIN, max_pixels=MAX)
 
 
 def reference(images, min_pixels=MIN, max_pixels=MAX):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     out = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=images, return_tensors="pt")
     return out.pixel_values, out.image_grid_thw
@@ -107,7 +117,9 @@ def test_video_array_and_folder(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([(3136, 12845056), (56 * 56, 28 * 28 * 1280), (256 * 28 * 28, 1280 * 28 * 28)]))
 def test_smart_resize_equals_reference(h, w, limits):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize as ref_resize,
+    )
 
     if max(h, w) / min(h, w) > 200:
         with pytest.raises(ImageError, match="aspect ratio"):
@@ -139,3 +151,30 @@ def test_errors(tmp_path):
         process_video([noise_image(60, 80), noise_image(80, 60)], CFG)
     with pytest.raises(ImageError, match="folder of frames"):
         process_video(tmp_path / "full.png", CFG)
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    """Over PIL's limit: a clear ImageError for files, arrays and PIL images alike (PIL itself warns up to
+    2× the limit and raises its own DecompressionBombError beyond)."""
+    from PIL import Image
+
+    noise_image(100, 100).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 - 1)
+    for source in (tmp_path / "big.png", noise_image(100, 100), np.zeros((100, 100, 3), np.uint8)):
+        with pytest.raises(ImageError, match=r"100×100 = 10000 pixels is over the decompression-bomb limit of 9999"):
+            process_image(source, CFG)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # beyond 2×: PIL raises while opening
+    with pytest.raises(ImageError, match=r"big.png: too many pixels to decode safely"):
+        process_image(tmp_path / "big.png", CFG)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit set: nothing refused
+    assert process_image(tmp_path / "big.png", CFG)[1] == [1, 8, 8]
+
+
+@pytest.mark.parametrize("limits,message", [
+    ((0, 10000), "min_pixels must be a positive integer, got 0"),
+    ((3136, -1), "max_pixels must be a positive integer, got -1"),
+    ((8000, 4000), "min_pixels (8000) must not exceed max_pixels (4000)"),
+])
+def test_bad_pixel_limits(limits, message):
+    with pytest.raises(ImageError, match=re.escape(message)):
+        process_image(noise_image(50, 50), CFG, *limits)

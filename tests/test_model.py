@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, left_padded, tiny_qwen2vl, write_hub_layout
+from conftest import (
+    AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_PAD, VISION_END, VISION_START,
+    VIDEO_PAD,
+    left_padded,
+    pixels,
+    prompt,
+    tiny_qwen2vl,
+    vision_block,
+    write_hub_layout,
+)
 
 from qva.model import QVAModel
 from weights_loader import CheckpointError
 
 TOL = 1e-4
-
-
-def vision_block(pad: int, grid: list[int]) -> list[int]:
-    t, h, w = grid
-    return [VISION_START] + [pad] * (t * h * w // 4) + [VISION_END]
-
-
-def prompt(*parts) -> list[int]:
-    ids = [151644, 872, 198]  # <|im_start|>user\n
-    for p in parts:
-        ids += p if isinstance(p, list) else [p]
-    return ids + [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
-
-
-def pixels(grids: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = sum(t * h * w for t, h, w in grids)
-    return torch.randn(n, 1176, generator=torch.Generator().manual_seed(seed)), torch.tensor(grids)
 
 
 def reference_logits(ref, input_ids, attention_mask=None, **media):
@@ -195,3 +188,54 @@ def test_bad_pixel_shapes(tied):
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]))])
     with pytest.raises(ValueError, match=r"pixel_values must be \[24, 1176\]"):
         ours(ids, pixel_values=torch.zeros(23, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+
+
+# -- bad inputs to forward: a ValueError naming the argument, before any compute -----------------------------
+def nan_at(t: torch.Tensor, i: int = 3) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[i] = float("nan")
+    return t
+
+
+def bad_forward_cases():
+    from qva.audio import log_mel
+
+    img = prompt(vision_block(IMAGE_PAD, [1, 4, 4]))
+    px, grid = pixels([[1, 4, 4]])
+    feats, valid = log_mel(torch.randn(8000) * 0.1, 80)  # 0.5 s: 25 audio tokens
+    aud = prompt(AUDIO_START, [AUDIO_PAD] * 25, AUDIO_END)
+    t = torch.tensor
+    return [
+        ("context", {"input_ids": torch.ones(1, 5000, dtype=torch.long)}, "input_ids has 5000 tokens, over the model's context of 4096"),
+        ("vocab high", {"input_ids": t([[1, 2, 151936]])}, "token id 151936, outside the vocabulary [0, 151936)"),
+        ("vocab negative", {"input_ids": t([[1, -3, 2]])}, "token id -3, outside the vocabulary"),
+        ("empty", {"input_ids": torch.zeros(1, 0, dtype=torch.long)}, "input_ids must be a non-empty [batch, seq] integer tensor, got [1, 0]"),
+        ("1-D", {"input_ids": t([1, 2, 3])}, "input_ids must be a non-empty [batch, seq] integer tensor, got [3]"),
+        ("float ids", {"input_ids": t([[1.0, 2.0]])}, "input_ids must be a non-empty [batch, seq] integer tensor"),
+        ("mask shape", {"input_ids": t([[1, 2, 3]]), "attention_mask": t([[1, 1]])}, "attention_mask must have input_ids' shape [1, 3], got [1, 2]"),
+        ("image without pixels", {"input_ids": t([img])}, "4 image placeholder token(s) (id 151655) but no pixel_values were given"),
+        ("image count", {"input_ids": t([prompt(VISION_START, [IMAGE_PAD] * 3, VISION_END)]), "pixel_values": px, "image_grid_thw": grid},
+         "3 image placeholder token(s) (id 151655) but pixel_values make 4 image rows"),
+        ("NaN pixels", {"input_ids": t([img]), "pixel_values": nan_at(px), "image_grid_thw": grid}, "pixel_values has 1 NaN/inf value(s)"),
+        ("audio without features", {"input_ids": t([aud])}, "25 audio placeholder token(s) (id 151659) but no input_features were given"),
+        ("audio count", {"input_ids": t([prompt(AUDIO_START, [AUDIO_PAD] * 21, AUDIO_END)]), "input_features": feats, "audio_valid_frames": valid},
+         "21 audio placeholder token(s) (id 151659) but input_features make 25 audio rows"),
+        ("NaN features", {"input_ids": t([aud]), "input_features": nan_at(feats), "audio_valid_frames": valid}, "input_features has 1 NaN/inf value(s)"),
+        ("inf features", {"input_ids": t([aud]), "input_features": feats.index_fill(2, t([7]), float("inf")), "audio_valid_frames": valid},
+         "input_features has 80 NaN/inf value(s)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_forward_cases())), ids=[c[0] for c in bad_forward_cases()])
+def test_bad_forward_inputs(demo_dirs, case, monkeypatch):
+    import qva
+
+    _, inputs, message = bad_forward_cases()[case]
+    model = qva.load(demo_dirs[0], whisper=demo_dirs[1])
+    for part in (model.visual, model.audio_encoder, model.model):
+        monkeypatch.setattr(part, "forward", lambda *a, **k: pytest.fail("computed before checking the inputs"))
+    with pytest.raises(ValueError) as e:
+        model(**inputs)
+    assert message in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.generate(**inputs, max_new_tokens=0)

@@ -12,7 +12,9 @@ from qva.vision import VisionTransformer, attention_segments, patch_hw_ids
 
 @pytest.fixture(scope="module")
 def towers():
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
 
     torch.manual_seed(0)
     ref = perturb_(Qwen2VisionTransformerPretrainedModel._from_config(tiny_qwen2vl_config().vision_config), 0)

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into, read_header
+from weights_loader import (
+    Checkpoint,
+    CheckpointError,
+    assert_materialized,
+    load_into,
+    read_header,
+)
 from weights_loader.writer import atomic_folder, save_checkpoint
 
 
@@ -236,3 +242,91 @@ def test_peak_rss_load_within_15_percent(tmp_path, stored, target):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     delta, nbytes = int(out[0]), int(out[1])
     assert 0.9 * nbytes <= delta <= 1.15 * nbytes, f"peak RSS grew {delta / 2**20:.0f} MiB for {nbytes / 2**20:.0f} MiB of weights"
+
+
+# -- byte ranges must tile the data region --------------------------------------------------------------
+def write_raw(path: Path, header: dict, data: bytes) -> Path:
+    """A safetensors file written by hand, so that its header can say anything."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def distinct_tensors() -> dict[str, torch.Tensor]:
+    """Tensors of distinct sizes and values: reading any of them from the wrong bytes shows."""
+    g = torch.Generator().manual_seed(3)
+    return {name: torch.randn(n, generator=g) for name, n in (("a", 3), ("b", 5), ("c", 2), ("d", 7))}
+
+
+def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict, bytes]:
+    header, data = {}, b""
+    for name, t in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [len(data), len(data) + t.numel() * 4]}
+        data += t.numpy().tobytes()
+    return header, data
+
+
+def shifted(header: dict, names, by: int, end_only: bool = False) -> dict:
+    out = json.loads(json.dumps(header))
+    for n in names:
+        b, e = out[n]["data_offsets"]
+        out[n]["data_offsets"] = [b if end_only else b + by, e + by]
+    return out
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        ("all shifted by 4 bytes", lambda h, d: (shifted(h, h, 4), d + b"\0" * 4), "'a' begins at data byte 4, not at byte 0"),
+        ("all at offset 0", lambda h, d: ({n: {**e, "data_offsets": [0, e["data_offsets"][1] - e["data_offsets"][0]]} for n, e in h.items()}, d),
+         "overlaps the tensor before it"),
+        ("one moved into the previous", lambda h, d: (shifted(h, ["c"], -4), d), "'c' begins at data byte 28, not at byte 32"),
+        ("a gap between two", lambda h, d: (shifted(h, ["c", "d"], 4), d + b"\0" * 4), "leaves a gap of 4 bytes"),
+        ("bytes after the last tensor", lambda h, d: (h, d + b"\0" * 12), "cover 68 data bytes but the file holds 80"),
+    ],
+)
+def test_header_ranges_must_tile_the_data(tmp_path, case, edit, message):
+    header, data = edit(*layout(distinct_tensors()))
+    f = write_raw(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(CheckpointError, match="corrupt header") as e:
+        Checkpoint(tmp_path)
+    assert str(f) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_well_formed_hand_written_file_loads(tmp_path):
+    """The reference layout itself (and zero-size tensors anywhere in it) passes the tiling check."""
+    tensors = {**distinct_tensors(), "empty": torch.zeros(0)}
+    write_raw(tmp_path / "model.safetensors", *layout(tensors))
+    ckpt = Checkpoint(tmp_path)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
+
+
+MUTATIONS = ("shift_all", "shift_one", "grow_one", "gap_after", "alias")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(MUTATIONS), st.integers(0, 3), st.integers(-24, 24).filter(lambda k: k != 0), st.integers(0, 16))
+def test_mutated_header_never_loads_wrong_bytes(tmp_path_factory, kind, which, by, pad):
+    """Shifts, overlaps, gaps and aliasing of the header's byte ranges: either a CheckpointError, or every
+    tensor read back equals what was written. Never a silent load of other bytes, never another exception."""
+    tensors = distinct_tensors()
+    header, data = layout(tensors)
+    names = list(header)
+    if kind == "shift_all":
+        header = shifted(header, names, by)
+    elif kind == "shift_one":
+        header = shifted(header, [names[which]], by)
+    elif kind == "grow_one":
+        header = shifted(header, [names[which]], by, end_only=True)
+    elif kind == "gap_after":
+        header = shifted(header, names[which:], abs(by))
+    else:
+        header = {n: {**e, "data_offsets": [0, e["data_offsets"][1] - e["data_offsets"][0]]} for n, e in header.items()}
+    folder = tmp_path_factory.mktemp("hdr")
+    write_raw(folder / "model.safetensors", header, data + b"\0" * pad)
+    try:
+        ckpt = Checkpoint(folder)
+    except CheckpointError:
+        return
+    for name, t in tensors.items():
+        assert torch.equal(ckpt.read(name), t), f"{kind} by {by}: {name} loaded from the wrong bytes"

@@ -7,7 +7,14 @@ import re
 
 import pytest
 import torch
-from conftest import JFK, WHISPER_ASSETS, WHISPER_TINY_EN, max_rel_err, need_shared, perturb_
+from conftest import (
+    JFK,
+    WHISPER_ASSETS,
+    WHISPER_TINY_EN,
+    max_rel_err,
+    need_shared,
+    perturb_,
+)
 
 from qva.audio import load_audio, log_mel
 from qva.whisper_encoder import WhisperEncoder, WhisperEncoderConfig

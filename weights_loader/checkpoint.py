@@ -102,7 +102,32 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                 f"{file}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
             )
         infos[name] = TensorInfo(file, dtype, shape, base + begin, base + end)
+    _check_tiling(file, {n: (i.start - base, i.end - base) for n, i in infos.items()}, size - base)
     return infos
+
+
+def _check_tiling(file: Path, ranges: dict[str, tuple[int, int]], data_size: int) -> None:
+    """The tensors' byte ranges must tile the data region, as the safetensors format requires: sorted by
+    offset they start at 0, each begins where the previous one ends, and the last ends at the file's end.
+
+    Right lengths alone do not catch a shifted or aliased header (every tensor at offset 0, or all moved
+    by 4 bytes): such a file would load without error and compute on the wrong bytes.
+    """
+    at, previous = 0, None
+    for name, (begin, end) in sorted(ranges.items(), key=lambda kv: kv[1]):
+        if begin != at:
+            where = f"where {previous!r} ends" if previous is not None else "where the data region starts"
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
+            raise CheckpointError(
+                f"{file}: corrupt header: tensor {name!r} begins at data byte {begin}, not at byte {at} {where}: "
+                f"it {what} (safetensors byte ranges must tile the data region)"
+            )
+        at, previous = end, name
+    if at != data_size:
+        raise CheckpointError(
+            f"{file}: corrupt header: the tensors cover {at} data bytes but the file holds {data_size} after its header"
+            " (safetensors byte ranges must tile the data region)"
+        )
 
 
 def read_config(folder: str | os.PathLike, what: str) -> dict:

@@ -87,8 +87,14 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
     """
     import numpy as np
     from PIL import Image
-    from transformers import Qwen2VLForConditionalGeneration, WhisperFeatureExtractor, WhisperForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import (
+        Qwen2VLForConditionalGeneration,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     import qva
     from qva.audio import audio_token_count, log_mel

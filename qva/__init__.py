@@ -1,20 +1,18 @@
 """qva: Qwen2-VL with a grafted Whisper audio encoder, in plain PyTorch.
 
-Public names are imported on first use, so `python -m qva.audio` does not import itself twice.
+    model = qva.load("Qwen2-VL-2B-Instruct", whisper="whisper-large-v3-turbo")
+    inputs = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    out = model.generate(**inputs, max_new_tokens=64)
 """
 
-from importlib import import_module
+from .audio import AudioError, load_audio, log_mel
+from .model import QVAModel
+from .pretrained import load, load_whisper_encoder, save
+from .processor import Processor
+from .qwen2vl_config import Qwen2VLConfig
+from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 
-_EXPORTS = {
-    "AudioError": "audio", "load_audio": "audio", "log_mel": "audio",
-    "WhisperEncoder": "whisper_encoder", "WhisperEncoderConfig": "whisper_encoder",
-    "QVAModel": "model", "Qwen2VLConfig": "qwen2vl_config", "Processor": "processor",
-    "load": "graft", "save": "graft",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'qva' has no attribute {name!r}")
+__all__ = [
+    "AudioError", "load_audio", "log_mel", "QVAModel", "load", "load_whisper_encoder", "save",
+    "Processor", "Qwen2VLConfig", "WhisperEncoder", "WhisperEncoderConfig",
+]

@@ -11,7 +11,7 @@ not a multiple of 160. We report ceil(n / 160), deliberately: frame i is centred
 every frame whose centre lies on real audio counts, the last partial hop is not dropped, and the count
 agrees with the mask models trained on the reference extractor have seen.
 
-Run `python -m qva.audio FILE [--whisper DIR]` to print the encoder output shape and timings.
+`qva-generate audio-info FILE [--whisper DIR]` prints the encoder output shape and timings.
 """
 
 from __future__ import annotations
@@ -183,50 +183,3 @@ def _log_mel_windows(batch: torch.Tensor, n_mels: int) -> torch.Tensor:
     log_spec = mel.clamp(min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qva.audio [FILE] [--whisper DIR]`: encoder output shape and timings."""
-    import argparse
-    import time
-
-    from .demo import cache_dir, write_tiny_whisper
-    from .whisper_encoder import WhisperEncoder
-
-    p = argparse.ArgumentParser(prog="python -m qva.audio", description=main.__doc__)
-    p.add_argument("file", nargs="?", help="audio file (default: a synthetic 4 s clip)")
-    p.add_argument("--whisper", help="Whisper checkpoint folder (default: a tiny random-weight demo encoder)")
-    args = p.parse_args(argv)
-    try:
-        if args.whisper is None:
-            folder = cache_dir() / "demo-whisper"
-            if not (folder / "model.safetensors").is_file():
-                write_tiny_whisper(folder)
-            print(f"note: no --whisper given, using a tiny RANDOM-weight encoder from {folder}")
-            args.whisper = folder
-        t0 = time.perf_counter()
-        encoder = WhisperEncoder.from_pretrained(args.whisper)
-        t_load = time.perf_counter() - t0
-        if args.file:
-            wave = load_audio(args.file)
-        else:
-            t = torch.arange(4 * SAMPLE_RATE) / SAMPLE_RATE
-            wave = 0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t / 4)) * (1 + torch.sin(2 * math.pi * 3 * t)) / 2
-        t0 = time.perf_counter()
-        features, valid = log_mel(wave, encoder.config.num_mel_bins)
-        t_mel = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            states = encoder(features)
-        t_enc = time.perf_counter() - t0
-    except (AudioError, ValueError, OSError) as e:
-        print(f"error: {e}")
-        return 1
-    print(f"audio: {wave.shape[0] / SAMPLE_RATE:.2f} s → features {tuple(features.shape)}, valid frames {valid.tolist()}")
-    print(f"encoder states: {tuple(states.shape)}")
-    print(f"load {t_load:.2f} s, log-mel {t_mel * 1e3:.1f} ms, encoder {t_enc:.2f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

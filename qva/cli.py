@@ -3,6 +3,7 @@
     qva-generate --model Qwen2-VL-2B-Instruct --whisper whisper-large-v3-turbo \\
                  --image cat.jpg --audio question.flac --prompt "Answer the question about the picture."
     qva-generate --demo          # a tiny random-weight model, no downloads: shows the whole pipeline
+    qva-generate audio-info speech.flac [--whisper DIR]   # log-mel + encoder shapes and timings
 
 Videos are a folder of frames (sorted by name) or an animated GIF/WebP (decoded with Pillow); for
 other formats extract frames first, e.g. `ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.png`.
@@ -96,9 +97,8 @@ def demo_inputs(args) -> None:
 
 
 def run(args) -> None:
-    import qva
-
     from .generate import check_generation_args, stream_text
+    from .pretrained import load
 
     if args.demo:
         demo_inputs(args)
@@ -116,7 +116,7 @@ def run(args) -> None:
 
     t0 = time.perf_counter()
     print(f"loading {args.model}" + (f" + {args.whisper}" if args.whisper else "") + " ...", file=sys.stderr, flush=True)
-    model = qva.load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar)
+    model = load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar)
     if model.processor is None:
         raise UserError(f"{args.model}: no tokenizer.json in the model folder")
     print(f"\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -143,7 +143,53 @@ def run(args) -> None:
           file=sys.stderr)
 
 
+def audio_info(argv: list[str]) -> int:
+    """`qva-generate audio-info [FILE] [--whisper DIR]`: log-mel and encoder output shapes, and timings."""
+    from weights_loader import CheckpointError
+
+    from .audio import SAMPLE_RATE, AudioError, load_audio, log_mel
+    from .demo import cache_dir, write_tiny_whisper
+    from .pretrained import load_whisper_encoder
+
+    p = argparse.ArgumentParser(prog="qva-generate audio-info", description=audio_info.__doc__)
+    p.add_argument("file", nargs="?", help="audio file (default: a synthetic 4 s clip)")
+    p.add_argument("--whisper", help="Whisper checkpoint folder (default: a tiny random-weight demo encoder)")
+    args = p.parse_args(argv)
+    try:
+        if args.whisper is None:
+            folder = cache_dir() / "demo-whisper"
+            if not (folder / "model.safetensors").is_file():
+                write_tiny_whisper(folder)
+            print(f"note: no --whisper given, using a tiny RANDOM-weight encoder from {folder}")
+            args.whisper = folder
+        t0 = time.perf_counter()
+        encoder = load_whisper_encoder(args.whisper)
+        t_load = time.perf_counter() - t0
+        if args.file:
+            wave = load_audio(args.file)
+        else:
+            t = torch.arange(4 * SAMPLE_RATE) / SAMPLE_RATE
+            wave = 0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t / 4)) * (1 + torch.sin(2 * math.pi * 3 * t)) / 2
+        t0 = time.perf_counter()
+        features, valid = log_mel(wave, encoder.config.num_mel_bins)
+        t_mel = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            states = encoder(features)
+        t_enc = time.perf_counter() - t0
+    except (AudioError, CheckpointError, ValueError, OSError) as e:
+        print(f"qva-generate audio-info: error: {e}", file=sys.stderr)
+        return 2
+    print(f"audio: {wave.shape[0] / SAMPLE_RATE:.2f} s → features {tuple(features.shape)}, valid frames {valid.tolist()}")
+    print(f"encoder states: {tuple(states.shape)}")
+    print(f"load {t_load:.2f} s, log-mel {t_mel * 1e3:.1f} ms, encoder {t_enc:.2f} s")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["audio-info"]:
+        return audio_info(argv[1:])
     args = parse_args(argv)
     from weights_loader import CheckpointError
 

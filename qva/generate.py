@@ -1,10 +1,12 @@
 """Generation: prefill once, then decode one token per step against a preallocated KV cache.
 
-Images, video and audio are encoded once, at prefill. A decode step feeds one token per row at
-position (real tokens so far + rope_delta) on all three M-RoPE axes — for a row without left padding
-that is `cache_len + rope_delta`. `compile=True` compiles the decode step with static shapes (the
-whole cache buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager. On CPU
-with bf16/fp16 weights the compiled step's matrix–vector products are `qva.gemv`'s.
+Both go through `model(...)` (`QVAModel.forward`, the one route to logits); this module only needs that
+call, so it sits below the model (the model's `generate` method delegates here). Images, video and
+audio are encoded once, at prefill. A decode step feeds one token per row at position (real tokens so
+far + rope_delta) on all three M-RoPE axes — for a row without left padding that is
+`cache_len + rope_delta`. `compile=True` compiles the decode step with static shapes (the whole cache
+buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager. On CPU with bf16/fp16
+weights the compiled step's matrix–vector products are `linear.gemv`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Iterator
 import torch
 
 from .kv_cache import KVCache
-from .qwen2 import causal_padding_mask
 
 DEFAULT_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
@@ -86,9 +87,9 @@ class Decoder:
         self.static = compile
 
     def _step(self, ids, positions, slot, kv_mask):
-        x = self.model.model.embed_tokens(ids)[:, None]  # [B, 1, D]
-        hidden = self.model.model(x, positions, cache=self.cache, slots=slot, kv_mask=kv_mask)
-        return self.model.logits(hidden[:, -1])
+        out = self.model(ids[:, None], position_ids=positions, cache=self.cache, cache_slots=slot, kv_mask=kv_mask,
+                         logits_to_keep=1, check=False)
+        return out.logits[:, -1]  # [B, V]
 
     def __call__(self, ids, positions, slot: int, key_valid):
         kv_len = self.cache.max_len if self.static else slot + 1  # compiled: always the whole buffer
@@ -134,15 +135,13 @@ def generate_tokens(
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    embeds, positions, deltas = model.embed_inputs(input_ids, mask, **media, check=False)
     cfg = model.config.text
     stored = model.lm_head.weight.dtype
     cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, stored, device)
     key_valid = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
     key_valid[:, :s] = mask.bool()
-    prefill_mask = causal_padding_mask(mask)  # [B, 1, S, S]
-    hidden = model.model(embeds, positions, cache=cache, slots=torch.arange(s, device=device), kv_mask=prefill_mask)
-    logits = model.logits(hidden[:, -1])  # [B, V]: one row per prompt
+    out = model(input_ids, mask, **media, cache=cache, cache_slots=torch.arange(s, device=device), logits_to_keep=1, check=False)
+    logits, deltas = out.logits[:, -1], out.rope_deltas  # [B, V]: one row per prompt
 
     decoder = Decoder(model, cache, compile)
     real = mask.sum(-1)  # [B] real tokens so far

@@ -7,25 +7,27 @@ the embedding matrix itself and is not stored.
 
 Audio: log-mel windows → Whisper encoder (always on padded 30 s windows, as it was trained) → keep the
 frames `audio_frames` selects, average-pool by `audio_pool` → `audio_projector` → rows that replace the
-`<|audio_pad|>` tokens, in the same fused merge as image and video rows.
+`<|audio_pad|>` tokens, in the same fused merge as image and video rows (`merge.py`).
+
+`forward` is the one route to logits, for parity tests, generation (prefill and cached decode steps)
+and training (`labels`: logits and loss only where a label is). This file knows nothing about files:
+loading and saving are `pretrained.py`'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, load_into
-
 from .audio import audio_token_count
-from .compute_dtype import upcast
-from .gemv import Linear
+from .generate import generate
+from .kv_cache import KVCache
+from .linear import Linear
 from .merge import merge_embeddings
-from .qwen2 import Qwen2Model
+from .qwen2 import Qwen2Model, causal_padding_mask
 from .qwen2vl_config import Qwen2VLConfig
 from .rope_index import rope_index
 from .vision import VisionTransformer
@@ -34,10 +36,16 @@ from .whisper_encoder import WhisperEncoder
 FEW_ROWS = 16  # up to here a half-precision vocabulary product beats upcasting the 0.5–1 GB head
 
 
+IGNORE = -100  # label of a position that is not scored
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, vocab]
-    rope_deltas: torch.Tensor  # [B, 1]: decode position = real tokens so far + delta
+    logits: torch.Tensor  # [B, S or logits_to_keep, vocab]; with labels: [N, vocab], the N labelled positions
+    rope_deltas: torch.Tensor | None  # [B, 1]: decode position = real tokens so far + delta (None for a decode step)
+    loss: torch.Tensor | None = None  # with labels: mean cross-entropy over the labelled tokens
+    loss_sum: torch.Tensor | None = None  # with labels: summed cross-entropy (for normalising across batches)
+    n_labels: int = 0  # with labels: how many tokens were scored
 
 
 class QVAModel(nn.Module):
@@ -50,7 +58,7 @@ class QVAModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.audio_encoder = WhisperEncoder(cfg.audio) if cfg.audio else None
-        self.audio_projector = nn.Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=False) if cfg.audio else None
+        self.audio_projector = Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=False) if cfg.audio else None
 
     # -- inputs ---------------------------------------------------------------------------------------
     def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
@@ -74,8 +82,9 @@ class QVAModel(nn.Module):
             start += n
         return out
 
-    def audio_features(self, input_features: torch.Tensor, audio_valid_frames: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-mel windows `[W, mels, 3000]` + valid mel frames per window `[W]` → LLM rows `[Σ tokens, D]`."""
+    def audio_encoder_rows(self, input_features: torch.Tensor, audio_valid_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel windows `[W, mels, 3000]` + valid mel frames per window `[W]` → the kept encoder rows
+        `[Σ tokens, d_audio]` (Whisper's part: frozen in training, so its output may be computed once)."""
         cfg = self.config
         if self.audio_encoder is None:
             raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
@@ -83,17 +92,20 @@ class QVAModel(nn.Module):
         if cfg.audio_pool > 1:  # [W, ceil(1500 / pool), d_audio]
             states = F.avg_pool1d(states.transpose(1, 2), cfg.audio_pool, cfg.audio_pool, ceil_mode=True).transpose(1, 2)
         windows, per_window, d = states.shape
-        valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [2 * cfg.audio.max_source_positions] * windows
+        valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [cfg.audio.input_frames] * windows
         if len(valid) != windows:
             raise ValueError(f"audio_valid_frames has {len(valid)} entries for {windows} input_features windows")
         counts = [audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid]
         index = torch.cat([w * per_window + torch.arange(n) for w, n in enumerate(counts)])  # built on the host
-        rows = states.reshape(windows * per_window, d)[index.to(states.device)]  # [Σ tokens, d_audio]
-        with upcast(self.audio_projector, dtype=rows.dtype):
-            return self.audio_projector(rows)
+        return states.reshape(windows * per_window, d)[index.to(states.device)]  # [Σ tokens, d_audio]
+
+    def audio_features(self, input_features=None, audio_valid_frames=None, audio_rows=None) -> torch.Tensor:
+        """LLM rows `[Σ tokens, D]` for the audio: the projector over the encoder rows (given, or computed)."""
+        rows = self.audio_encoder_rows(input_features, audio_valid_frames) if audio_rows is None else audio_rows
+        return self.audio_projector(rows)
 
     def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                     video_grid_thw=None, input_features=None, audio_valid_frames=None) -> None:
+                     video_grid_thw=None, input_features=None, audio_valid_frames=None, audio_rows=None) -> None:
         """Refuse a prompt batch before any compute, naming the argument: shapes, the context length, token
         ids outside the vocabulary, placeholders without (or with the wrong amount of) media, NaN/inf media.
         Runs once per prompt on the host (a few reductions), never per decoded token."""
@@ -111,17 +123,20 @@ class QVAModel(nn.Module):
         if lo < 0 or hi >= cfg.text.vocab_size:
             raise ValueError(f"input_ids has token id {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.text.vocab_size})")
         merge = cfg.vision.spatial_merge_size**2
-        audio_rows = None
-        if input_features is not None:
+        n_audio = None
+        if input_features is not None or audio_rows is not None:
             if self.audio_encoder is None:
                 raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
+        if audio_rows is not None:
+            n_audio = audio_rows.shape[0]
+        elif input_features is not None:
             windows = input_features.shape[0] if input_features.dim() == 3 else 1
             valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [cfg.audio.input_frames] * windows
-            audio_rows = sum(audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid)
+            n_audio = sum(audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid)
         media = (
             ("image", "pixel_values", cfg.image_token_id, pixel_values, image_grid_thw),
             ("video", "pixel_values_videos", cfg.video_token_id, pixel_values_videos, video_grid_thw),
-            ("audio", "input_features", cfg.audio_token_id, input_features, None),
+            ("audio", "input_features", cfg.audio_token_id, input_features if audio_rows is None else audio_rows, None),
         )
         for kind, name, token_id, values, grid in media:
             n = int((ids == token_id).sum()) if kind != "audio" or cfg.audio is not None else 0
@@ -132,7 +147,7 @@ class QVAModel(nn.Module):
             if grid is not None:
                 rows = int(grid.prod(-1).sum()) // merge
             elif kind == "audio":
-                rows = audio_rows
+                rows = n_audio
             else:
                 raise ValueError(f"{name} given without {kind}_grid_thw")
             if n != rows:
@@ -158,16 +173,17 @@ class QVAModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
+        audio_rows: torch.Tensor | None = None,
         check: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LLM's inputs for a prompt batch: embeddings `[B, S, D]`, positions `[3, B, S]`, rope deltas `[B, 1]`.
-        `check=False` skips `check_inputs` (for a caller that has just run it)."""
+        `audio_rows` (encoder rows computed before) replaces `input_features`; `check=False` skips `check_inputs`."""
         if check:
             self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                              input_features, audio_valid_frames)
+                              input_features, audio_valid_frames, audio_rows)
         features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if input_features is not None:
-            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames)))
+        if input_features is not None or audio_rows is not None:
+            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames, audio_rows)))
         embeds = merge_embeddings(input_ids, self.model.embed_tokens(input_ids), features)
         position_ids, rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw)
         return embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device)
@@ -182,67 +198,69 @@ class QVAModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
+        audio_rows: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
+        check: bool = True,
     ) -> ModelOutput:
         """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference.
 
-        `logits_to_keep=n` computes logits for the last n positions only (0: all), as in transformers;
-        the next token needs just the last, and the vocabulary projection is the costliest product.
+        - `logits_to_keep=n`: logits of the last n positions only (0: all), as in transformers; the next
+          token needs just the last, and the vocabulary projection is the costliest product.
+        - `labels` `[B, S]` (−100: not scored): the loss of predicting `labels[:, t + 1]` at position t, with
+          logits computed at the labelled positions only (`logits` is then `[N, vocab]`).
+        - A decode step (generation): `position_ids` `[3, B, 1]`, `cache` with `cache_slots` `[S]` and
+          `kv_mask` `[B, 1, S, kv_len]`, no media, `check=False`: nothing runs on the host, so it compiles.
         """
-        embeds, default_positions, rope_deltas = self.embed_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-            input_features, audio_valid_frames,
-        )
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: plain causal attention
-        hidden = self.model(embeds, default_positions if position_ids is None else position_ids, attention_mask)
+        decoding = position_ids is not None and cache is not None
+        if decoding:  # positions come from the caller; no media, no host work
+            embeds, positions, rope_deltas = self.model.embed_tokens(input_ids), position_ids, None
+        else:
+            embeds, positions, rope_deltas = self.embed_inputs(
+                input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                input_features, audio_valid_frames, audio_rows, check=check,
+            )
+            positions = positions if position_ids is None else position_ids
+        if cache is None:
+            if attention_mask is not None and bool(attention_mask.all()):
+                attention_mask = None  # no padding: plain causal attention
+            hidden = self.model(embeds, positions, attention_mask)
+        else:
+            if kv_mask is None:  # a prefill into the cache
+                kv_mask = causal_padding_mask(torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+            hidden = self.model(embeds, positions, cache=cache, slots=cache_slots, kv_mask=kv_mask)
+        if labels is not None:
+            return self.labelled_loss(hidden, labels, rope_deltas)
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden  # [B, S or n, D]
         return ModelOutput(logits=self.logits(hidden), rope_deltas=rope_deltas)
+
+    def labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor, rope_deltas=None) -> ModelOutput:
+        """Cross-entropy of `labels[:, t + 1]` from `hidden[:, t]`, over labelled positions only."""
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels must have input_ids' shape {list(hidden.shape[:2])}, got {list(labels.shape)}")
+        targets = labels[:, 1:].to(hidden.device)  # [B, S-1]
+        scored = targets != IGNORE
+        rows = hidden[:, :-1][scored]  # [N, D]
+        logits = self.logits(rows).float()  # [N, V]
+        loss_sum = F.cross_entropy(logits, targets[scored], reduction="sum")
+        n = int(scored.sum())
+        return ModelOutput(logits=logits, rope_deltas=rope_deltas, loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_labels=n)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits `[..., V]` of hidden rows `[..., D]`, in the hidden rows' dtype.
 
         A few rows (next-token logits) are matrix–vector products over the weights as stored; many rows
-        run in the hidden rows' dtype, upcasting half-precision weights (see compute_dtype.py).
+        run in the hidden rows' dtype (see linear.py).
         """
-        stored = self.lm_head.weight.dtype
-        if hidden.numel() <= FEW_ROWS * hidden.shape[-1]:
-            return self.lm_head(hidden.to(stored)).to(hidden.dtype)
-        with upcast(self.lm_head, dtype=hidden.dtype):
-            return self.lm_head(hidden)
+        w = self.lm_head.weight
+        if hidden.numel() <= FEW_ROWS * hidden.shape[-1] and not torch.is_grad_enabled():
+            return self.lm_head(hidden.to(w.dtype)).to(hidden.dtype)
+        return self.lm_head(hidden)
 
     def generate(self, **kwargs):
         """Greedy or sampled generation with a static KV cache: see `qva.generate.generate`."""
-        from .generate import generate
-
         return generate(self, **kwargs)
-
-    # -- loading --------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "QVAModel":
-        """Load a Qwen2-VL checkpoint folder (Hub or transformers 5 layout, single or sharded) or a saved
-        graft: `qva.load` without a Whisper checkpoint to graft."""
-        from .graft import load
-
-        return load(path, dtype=dtype, device=device)
-
-
-AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
-
-
-def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True, progress=None) -> None:
-    """Assign the tensors of `ckpt` to a meta-built `model`: visual, LLM, untied lm_head and, unless
-    `with_audio=False` (a fresh graft, whose audio parts come from elsewhere), the audio encoder and projector."""
-    tied = model.config.tie_word_embeddings
-    skip = {"lm_head.weight"} if tied else set()
-    if not with_audio:
-        skip |= {n for n in model.state_dict() if n.startswith(AUDIO_PREFIXES)}
-    extra = lambda n: (tied and n == "lm_head.weight") or (ignore is not None and ignore(n))  # noqa: E731
-    if not tied and "lm_head.weight" not in ckpt:
-        raise CheckpointError(
-            f"{ckpt.path}: config says tie_word_embeddings=false but there is no lm_head.weight"
-        )
-    load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device, progress=progress)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight

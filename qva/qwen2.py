@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .compute_dtype import Workspace, large_matmul_dtype, upcast
-from .gemv import Linear
 from .kv_cache import KVCache
+from .linear import Linear, large_matmul_dtype
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
 
@@ -30,7 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -107,7 +106,6 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.workspace = Workspace()  # fp32 copies of one layer's weights, reused across layers and forwards
 
     def forward(
         self,
@@ -135,7 +133,5 @@ class Qwen2Model(nn.Module):
             mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
         x = inputs_embeds.to(dt)
         for i, layer in enumerate(self.layers):
-            with upcast(layer, dtype=dt, workspace=self.workspace):
-                x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
-        with upcast(self.norm, dtype=dt):
-            return self.norm(x)
+            x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
+        return self.norm(x)

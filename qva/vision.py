@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .compute_dtype import Workspace, large_matmul_dtype, upcast
+from .linear import LayerNorm, Linear, large_matmul_dtype, matmul
 from .mrope import apply_rotary, vision_cos_sin
 from .qwen2vl_config import VisionConfig
 
@@ -36,17 +36,17 @@ class PatchEmbed(nn.Module):
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)  # checkpoint shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 1176] → [N, embed]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 1176] → [N, embed], in x's dtype
         w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
+        return matmul(x, rearrange(w, "e c t h w -> e (c t h w)"))
 
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.qkv = Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = Linear(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "n (three h e) -> three h n e", three=3, h=self.heads)  # each [H, N, e]
@@ -64,8 +64,8 @@ class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        self.fc1 = Linear(cfg.embed_dim, hidden)
+        self.fc2 = Linear(hidden, cfg.embed_dim)
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
             raise ValueError(f"vision hidden_act {cfg.hidden_act!r} unsupported")
         self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
@@ -79,9 +79,9 @@ class VisionBlock(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
         self.attn = VisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, segments):
@@ -96,8 +96,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.window = cfg.spatial_merge_size**2
         wide = cfg.embed_dim * self.window
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
-        self.mlp = nn.Sequential(nn.Linear(wide, wide), nn.GELU(), nn.Linear(wide, cfg.hidden_size))
+        self.ln_q = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.mlp = nn.Sequential(Linear(wide, wide), nn.GELU(), Linear(wide, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(rearrange(self.ln_q(x), "(n w) d -> n (w d)", w=self.window))
@@ -138,7 +138,6 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        self.workspace = Workspace()  # fp32 copies of one layer's weights, reused across layers and forwards
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -149,14 +148,10 @@ class VisionTransformer(nn.Module):
                 f"pixel_values must be [{n}, {cfg.patch_dim}] for grid_thw {grid}, got {list(pixel_values.shape)}"
             )
         w = self.patch_embed.proj.weight
-        dt = large_matmul_dtype(w.dtype, w.device)  # see compute_dtype.py
-        with upcast(self.patch_embed, dtype=dt):
-            x = self.patch_embed(pixel_values.to(dt))
+        x = self.patch_embed(pixel_values.to(large_matmul_dtype(w.dtype, w.device)))  # [N, embed]
         cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
         cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
         segments = attention_segments(grid)
         for block in self.blocks:
-            with upcast(block, dtype=dt, workspace=self.workspace):
-                x = block(x, cos, sin, segments)
-        with upcast(self.merger, dtype=dt):
-            return self.merger(x)
+            x = block(x, cos, sin, segments)
+        return self.merger(x)

@@ -5,7 +5,8 @@ log-mel `[B, n_mels, 3000]` → conv1 (k3, p1) → GELU → conv2 (k3, stride 2,
 
 Sub-module names equal Hugging Face's `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
 `layers.{i}.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`, `final_layer_norm`,
-`layer_norm`), so checkpoints map one-to-one. Only encoder tensors are ever read from disk.
+`layer_norm`), so checkpoints map one-to-one (loading: `pretrained.load_whisper_encoder`, which never reads
+the decoder's tensors).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from weights_loader import Checkpoint, CheckpointError, Fields, assert_materialized, load_into, read_config
+from weights_loader import CheckpointError, Fields, read_config
 
 from .audio import N_FRAMES
-from .compute_dtype import Workspace, large_matmul_dtype, upcast
+from .linear import Conv1d, LayerNorm, Linear, large_matmul_dtype
 
 LAYER_NORM_EPS = 1e-5
-ENCODER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
 
 
 @dataclass
@@ -80,10 +80,10 @@ class WhisperAttention(nn.Module):
     def __init__(self, d: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d, bias=False)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d]
         q, k, v = (rearrange(p(x), "b t (h e) -> b h t e", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -98,10 +98,10 @@ class WhisperEncoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.self_attn = WhisperAttention(d, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.self_attn_layer_norm = LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.fc1 = Linear(d, cfg.encoder_ffn_dim)
+        self.fc2 = Linear(cfg.encoder_ffn_dim, d)
+        self.final_layer_norm = LayerNorm(d, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x))
@@ -116,12 +116,11 @@ class WhisperEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         d = cfg.d_model
-        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.conv1 = Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
         self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
-        self.workspace = Workspace()  # fp32 copies of one layer's weights, reused across layers and forwards
+        self.layer_norm = LayerNorm(d, eps=LAYER_NORM_EPS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -132,41 +131,10 @@ class WhisperEncoder(nn.Module):
                 f"WhisperEncoder: input_features must be [windows, {cfg.num_mel_bins}, {cfg.input_frames}] "
                 f"(log-mel of padded 30 s windows), got {list(features.shape)}"
             )
-        dt = large_matmul_dtype(self.conv1.weight.dtype, self.conv1.weight.device)  # see compute_dtype.py
-        x = features.to(dt)
-        with upcast(self.conv1, self.conv2, self.embed_positions, dtype=dt):
-            x = F.gelu(self.conv1(x))  # [B, d, 3000]
-            x = F.gelu(self.conv2(x))  # [B, d, 1500]
-            x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight
+        x = features.to(large_matmul_dtype(self.conv1.weight.dtype, self.conv1.weight.device))  # see linear.py
+        x = F.gelu(self.conv1(x))  # [B, d, 3000]
+        x = F.gelu(self.conv2(x))  # [B, d, 1500]
+        x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight.to(x.dtype)
         for layer in self.layers:
-            with upcast(layer, dtype=dt, workspace=self.workspace):
-                x = layer(x)
-        with upcast(self.layer_norm, dtype=dt):
-            return self.layer_norm(x)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        checkpoint: Checkpoint | None = None,
-    ) -> "WhisperEncoder":
-        """Load the encoder of a Hugging Face Whisper checkpoint; decoder tensors are never read.
-
-        `dtype` defaults to the stored dtype; pass an open `checkpoint` to inspect what was read.
-        """
-        cfg = WhisperEncoderConfig.from_pretrained(path)
-        ckpt = checkpoint or Checkpoint(path)
-        prefix = next((p for p in ENCODER_PREFIXES if ckpt.names(p)), None)
-        if prefix is None:
-            raise CheckpointError(f"{path}: no Whisper encoder tensors (expected names under {' or '.join(ENCODER_PREFIXES)})")
-        with torch.device("meta"):
-            model = cls(cfg)
-        try:
-            load_into(model, ckpt, prefix=prefix, dtype=dtype, device=device)
-        finally:
-            if checkpoint is None:
-                ckpt.close()
-        assert_materialized(model, str(path))
-        return model.eval()
+            x = layer(x)
+        return self.layer_norm(x)

@@ -38,7 +38,7 @@ def pair(tmp_path_factory):
     ref.generation_config.pad_token_id = 151643
     folder = tmp_path_factory.mktemp("gen")
     ref.save_pretrained(folder)
-    return ref, QVAModel.from_pretrained(folder), folder
+    return ref, qva.load(folder), folder
 
 
 def reference_generate(ref, ids, mask=None, **media):
@@ -213,7 +213,7 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("kwargs,message", BAD_ARGS, ids=[m for _, m in BAD_ARGS])
 def test_bad_generation_arguments(demo_dirs, kwargs, message, monkeypatch):
-    model = QVAModel.from_pretrained(demo_dirs[0])
+    model = qva.load(demo_dirs[0])
     monkeypatch.setattr(model, "embed_inputs", lambda *a, **k: pytest.fail("computed before checking the arguments"))
     with pytest.raises(ValueError) as e:
         model.generate(input_ids=torch.tensor([prompt(9707)]), **kwargs)

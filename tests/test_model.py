@@ -18,6 +18,7 @@ from conftest import (
     write_hub_layout,
 )
 
+import qva
 from qva.model import QVAModel
 from weights_loader import CheckpointError
 
@@ -46,7 +47,7 @@ def tied(tmp_path_factory):
     ref = tiny_qwen2vl(seed=0, tie=True).eval()
     saved = tmp_path_factory.mktemp("tied")
     ref.save_pretrained(saved)
-    return ref, QVAModel.from_pretrained(saved), saved
+    return ref, qva.load(saved), saved
 
 
 def test_text_only(tied):
@@ -106,7 +107,7 @@ def test_hub_layout_flat_config_sharded_tied(tied, tmp_path):
     assert (hub / "model.safetensors.index.json").is_file()
     index = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in index and len(set(index.values())) > 1
-    ours = QVAModel.from_pretrained(hub)
+    ours = qva.load(hub)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     px, grid = pixels([[1, 4, 6]], seed=6)
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]), 3838)])
@@ -116,7 +117,7 @@ def test_hub_layout_flat_config_sharded_tied(tied, tmp_path):
 def test_untied_lm_head(tmp_path):
     ref = tiny_qwen2vl(seed=7, tie=False).eval()
     ref.save_pretrained(tmp_path)
-    ours = QVAModel.from_pretrained(tmp_path)
+    ours = qva.load(tmp_path)
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
     px, grid = pixels([[1, 2, 2]], seed=8)
@@ -129,7 +130,7 @@ def test_untied_lm_head(tmp_path):
     ck = Checkpoint(tmp_path)
     save_checkpoint(tmp_path / "nolm", {n: ck.read(n) for n in ck.names() if n != "lm_head.weight"}, cfg)
     with pytest.raises(CheckpointError, match="tie_word_embeddings=false but there is no lm_head.weight"):
-        QVAModel.from_pretrained(tmp_path / "nolm")
+        qva.load(tmp_path / "nolm")
 
 
 def test_wrong_patch_order_or_positions_are_caught(tied):
@@ -148,7 +149,7 @@ def test_wrong_patch_order_or_positions_are_caught(tied):
 
 def test_bf16_close_to_fp32(tied, tmp_path):
     _, ours32, saved = tied
-    ours16 = QVAModel.from_pretrained(saved, dtype=torch.bfloat16)
+    ours16 = qva.load(saved, dtype=torch.bfloat16)
     assert ours16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     px, grid = pixels([[1, 4, 4]], seed=10)
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374)])
@@ -167,7 +168,7 @@ def test_logits_to_keep_and_few_row_head(tied):
         full = ours32(ids).logits
         last = ours32(ids, logits_to_keep=1).logits
         assert last.shape == (2, 1, full.shape[-1]) and (last - full[:, -1:]).abs().max() < 1e-5
-        ours16 = QVAModel.from_pretrained(saved, dtype=torch.bfloat16)
+        ours16 = qva.load(saved, dtype=torch.bfloat16)
         few = ours16(ids, logits_to_keep=2).logits  # 4 rows: products over the bf16 head as stored
         many = ours16(ids).logits  # fp32 products over the upcast head (this CPU has no fast bf16)
     assert few.dtype == many.dtype
@@ -180,7 +181,7 @@ def test_unsupported_model_type(tied, tmp_path):
     cfg = json.loads((saved / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_5_vl"}))
     with pytest.raises(CheckpointError, match="qwen2_5_vl.*not supported.*qwen2_vl"):
-        QVAModel.from_pretrained(tmp_path)
+        qva.load(tmp_path)
 
 
 def test_bad_pixel_shapes(tied):

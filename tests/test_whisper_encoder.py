@@ -17,7 +17,8 @@ from conftest import (
 )
 
 from qva.audio import load_audio, log_mel
-from qva.whisper_encoder import WhisperEncoder, WhisperEncoderConfig
+from qva.pretrained import load_whisper_encoder
+from qva.whisper_encoder import WhisperEncoderConfig
 from weights_loader import Checkpoint, CheckpointError
 from weights_loader.writer import save_checkpoint
 
@@ -51,7 +52,7 @@ def test_parity_tiny_random_save_pretrained(tmp_path, cls_name, cfg):
     x = features(cfg["num_mel_bins"])
     with torch.no_grad():
         ref = ref_model.get_encoder()(x).last_hidden_state
-        ours = WhisperEncoder.from_pretrained(tmp_path)(x)
+        ours = load_whisper_encoder(tmp_path)(x)
     assert ours.shape == (2, 1500, cfg["d_model"])
     assert max_rel_err(ours, ref) <= 1e-4
 
@@ -61,7 +62,7 @@ def test_parity_fails_when_positions_are_wrong(tmp_path):
     ref_model = hf_whisper("WhisperForConditionalGeneration", seed=1, **TINY)
     ref_model.save_pretrained(tmp_path)
     x = features(80)
-    ours = WhisperEncoder.from_pretrained(tmp_path)
+    ours = load_whisper_encoder(tmp_path)
     with torch.no_grad():
         ref = ref_model.get_encoder()(x).last_hidden_state
         ours.embed_positions.weight.copy_(ours.embed_positions.weight.roll(1, 0))
@@ -92,7 +93,7 @@ def test_parity_turbo_shaped_fp16_sharded(tmp_path):
         x = features(128, windows=1)
         ref = ref_enc(x).last_hidden_state
         ckpt = Checkpoint(tmp_path)
-        ours = WhisperEncoder.from_pretrained(tmp_path, dtype=torch.float32, checkpoint=ckpt)
+        ours = load_whisper_encoder(tmp_path, dtype=torch.float32, checkpoint=ckpt)
         assert ours.conv1.weight.dtype == torch.float32
         out = ours(x)
     assert out.shape == (1, 1500, 1280)
@@ -106,7 +107,7 @@ def test_parity_turbo_shaped_fp16_sharded(tmp_path):
 def test_decoder_never_read_from_real_checkpoint():
     ckpt = Checkpoint(WHISPER_TINY_EN)
     assert any(n.startswith("model.decoder.") for n in ckpt.names())  # the decoder is there on disk...
-    enc = WhisperEncoder.from_pretrained(WHISPER_TINY_EN, checkpoint=ckpt)
+    enc = load_whisper_encoder(WHISPER_TINY_EN, checkpoint=ckpt)
     assert not [n for n in ckpt.reads if "decoder" in n or "proj_out" in n]  # ...and never read
     assert sorted(ckpt.reads) == sorted(ckpt.names("model.encoder."))
     assert len(ckpt.reads) == len(enc.state_dict()) == 4 + 1 + 4 * 15 + 2  # conv1/conv2 (w, b), positions, 4 layers × 15, final LN (w, b)
@@ -121,7 +122,7 @@ def jfk_real():
 
     ref = WhisperForConditionalGeneration.from_pretrained(WHISPER_TINY_EN, dtype=torch.float32).eval()
     feats, valid = log_mel(load_audio(JFK), n_mels=80)
-    ours = WhisperEncoder.from_pretrained(WHISPER_TINY_EN, dtype=torch.float32)
+    ours = load_whisper_encoder(WHISPER_TINY_EN, dtype=torch.float32)
     with torch.no_grad():
         return ref, feats, ours(feats), ref.model.encoder(feats).last_hidden_state
 
@@ -135,7 +136,7 @@ def test_parity_real_tiny_en_on_speech(jfk_real):
 def test_bf16_close_to_fp32_real_weights(jfk_real):
     """bf16 weights+activations stay within 5% (relative L2) and 0.15 × output scale (max abs) of fp32."""
     _, feats, ours32, _ = jfk_real
-    enc16 = WhisperEncoder.from_pretrained(WHISPER_TINY_EN, dtype=torch.bfloat16)
+    enc16 = load_whisper_encoder(WHISPER_TINY_EN, dtype=torch.bfloat16)
     with torch.no_grad():
         ours16 = enc16(feats).float()
     rel_l2 = ((ours16 - ours32).norm() / ours32.norm()).item()
@@ -188,7 +189,7 @@ def test_config_reads_whisper_sizes():
 def test_errors_name_the_problem(tmp_path):
     ref_model = hf_whisper("WhisperForConditionalGeneration", seed=1, **TINY)
     ref_model.save_pretrained(tmp_path / "ok")
-    enc = WhisperEncoder.from_pretrained(tmp_path / "ok")
+    enc = load_whisper_encoder(tmp_path / "ok")
     with pytest.raises(ValueError, match=r"must be \[windows, 80, 3000\].*got \[1, 80, 2999\]"):
         enc(torch.zeros(1, 80, 2999))
     # a checkpoint with one tensor removed and one with the wrong mel count
@@ -198,9 +199,9 @@ def test_errors_name_the_problem(tmp_path):
     tensors["model.encoder.conv1.weight"] = torch.zeros(64, 81, 3)
     save_checkpoint(tmp_path / "bad", tensors, json.loads((tmp_path / "ok" / "config.json").read_text()))
     with pytest.raises(CheckpointError) as e:
-        WhisperEncoder.from_pretrained(tmp_path / "bad")
+        load_whisper_encoder(tmp_path / "bad")
     msg = str(e.value)
     assert "model.encoder.layers.1.fc2.bias" in msg and "missing" in msg
     assert "model.encoder.conv1.weight: checkpoint [64, 81, 3]" in msg and "expects [64, 80, 3]" in msg
     with pytest.raises(CheckpointError, match="no config.json"):
-        WhisperEncoder.from_pretrained(tmp_path)
+        load_whisper_encoder(tmp_path)

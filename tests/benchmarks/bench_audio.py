@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import ROOT, cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 from qva.audio import load_audio, log_mel  # noqa: E402
-from qva.whisper_encoder import WhisperEncoder  # noqa: E402
+from qva.pretrained import load_whisper_encoder  # noqa: E402
 from weights_loader.writer import save_checkpoint  # noqa: E402
 
 TURBO = dict(num_mel_bins=128, d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, max_source_positions=1500,
@@ -52,8 +52,8 @@ def cached_turbo(workdir: Path | None, layers: int) -> Path:
 
 
 COLD = {  # (imports, load): peak RSS is measured from after the imports
-    "qva": ("from qva.whisper_encoder import WhisperEncoder",
-            "enc = WhisperEncoder.from_pretrained(PATH, dtype=torch.float32)"),
+    "qva": ("from qva.pretrained import load_whisper_encoder",
+            "enc = load_whisper_encoder(PATH, dtype=torch.float32)"),
     "transformers": ("from transformers import WhisperForConditionalGeneration",
                      "enc = WhisperForConditionalGeneration.from_pretrained(PATH, dtype=torch.float32).model.encoder"),
 }
@@ -89,7 +89,7 @@ def main() -> None:
     features, _ = log_mel(wave, 128)
 
     # encoder forward, fp32
-    q = WhisperEncoder.from_pretrained(ckpt, dtype=torch.float32)
+    q = load_whisper_encoder(ckpt, dtype=torch.float32)
     ref = WhisperForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).model.encoder.eval()
     with torch.inference_mode():
         err = (q(features) - ref(features).last_hidden_state).abs().max().item()

@@ -31,6 +31,7 @@ from bench_audio import cached_turbo  # noqa: E402
 from bench_qwen2vl import cached_2b  # noqa: E402
 from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
+import qva  # noqa: E402
 from qva.model import QVAModel  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -71,9 +72,9 @@ def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device) -> tupl
     """One 30 s window through each encoder, weights loaded in `dtype`."""
     from transformers import WhisperForConditionalGeneration
 
-    from qva.whisper_encoder import WhisperEncoder
+    from qva.pretrained import load_whisper_encoder
 
-    ours = WhisperEncoder.from_pretrained(whisper, dtype=dtype, device=device)
+    ours = load_whisper_encoder(whisper, dtype=dtype, device=device)
     ref = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
     feats = torch.randn(1, ours.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0)).to(device)
     return timed_pair(lambda: ref(feats.to(dtype)), lambda: ours(feats), 1)
@@ -189,7 +190,7 @@ def main() -> None:
     cold = {
         "transformers": cold_run("from transformers import Qwen2VLForConditionalGeneration",
                                  f"m = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')", ckpt),
-        "qva": cold_run("from qva.model import QVAModel", f"m = QVAModel.from_pretrained(PATH, dtype=torch.{dtype})", ckpt),
+        "qva": cold_run("import qva", f"m = qva.load(PATH, dtype=torch.{dtype})", ckpt),
     }
     rows.append((f"cold load ({args.dtype})", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
@@ -198,7 +199,7 @@ def main() -> None:
         ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
         return ref
 
-    ours = QVAModel.from_pretrained(ckpt, dtype=dtype, device=device)
+    ours = qva.load(ckpt, dtype=dtype, device=device)
     ref = load_ref(dtype)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
+import qva  # noqa: E402
 from qva.model import QVAModel  # noqa: E402
 from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
 from weights_loader.writer import save_checkpoint  # noqa: E402
@@ -59,11 +60,11 @@ def cached_2b(workdir: Path | None, layers: int, vision_layers: int) -> Path:
 
 
 COLD_IMPORTS = {
-    "qva": "from qva.model import QVAModel",
+    "qva": "import qva",
     "transformers": "from transformers import Qwen2VLForConditionalGeneration",
 }
 COLD_BODY = {
-    "qva": "model = QVAModel.from_pretrained(PATH, dtype=torch.float32)",
+    "qva": "model = qva.load(PATH, dtype=torch.float32)",
     "transformers": "model = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.float32, attn_implementation='sdpa').eval()",
 }
 FIRST_FORWARD = """
@@ -93,7 +94,7 @@ def main() -> None:
     cold = {w: cold_run(COLD_IMPORTS[w], COLD_BODY[w] + FIRST_FORWARD, ckpt) for w in ("transformers", "qva")}
     rows.append(("cold start: bf16 → fp32 load + 64-token forward", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
-    ours = QVAModel.from_pretrained(ckpt, dtype=torch.float32)
+    ours = qva.load(ckpt, dtype=torch.float32)
     ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(0)
     errs = {}

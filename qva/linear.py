@@ -1,0 +1,271 @@
+"""How a stored weight is multiplied: the one home for it.
+
+Everything that multiplies activations by a weight as it sits in memory goes through `matmul` (and the
+small `LayerNorm` / `Conv1d` wrappers): the dtype policy, the decode kernels and LoRA live here, so the
+model files (`qwen2.py`, `vision.py`, `whisper_encoder.py`) read like the papers.
+
+**Dtype policy.** Weights stay stored as loaded (fp32, bf16, fp16). A stack (LLM, vision, Whisper) picks
+its activation dtype once, with `large_matmul_dtype`: on a CPU without native half-precision matmul
+(no AVX512-BF16 / AMX) products with bf16/fp16 weights run ~40–100× slower than fp32, so many-row
+products (prefill, vision, Whisper) run in fp32 there; one-token decoding stays in the storage dtype
+(bound by bandwidth, and half the bytes). `matmul(x, W)` then computes in **x's dtype**:
+- same dtype: `F.linear`;
+- a stored weight of another dtype, under autograd: `StoredWeightProduct`, an autograd function that
+  saves only the stored tensor (and x, if W trains) and re-derives the compute-dtype weight in backward,
+  so a training step over bf16 weights holds no fp32 copy of more than one weight at a time, and a
+  frozen weight never gets a `.grad`;
+- the same without autograd: the cast goes into a per-shape scratch buffer reused by every layer and
+  forward (a fresh 50–100 MB allocation costs ~8× the copy itself in page faults); `clear_scratch()`
+  frees it;
+- compiling for CPU with ≤ 4 rows over half-precision weights: `gemv`, written so that inductor reads
+  each weight once for all rows.
+Override the policy with `QVA_COMPUTE_DTYPE=auto|storage|float32` or `set_policy(...)`.
+
+**LoRA** (Hu et al., 2021; PEFT's `LoraLayer`, torchtune's `LoRALinear`): `add_lora(linear, r, alpha,
+dropout)` gives a `Linear` two fp32 factors under PEFT's names, `lora_A` `[r, in]` (kaiming-uniform) and
+`lora_B` `[out, r]` (zeros, so the model is unchanged at step 0); forward adds
+`lora_B(lora_A(dropout(x))) · alpha / r`. The base keeps its names (`weight`, `bias`), so base
+checkpoints load unchanged. `merge_lora` / `unmerge_lora` fold the product into the stored weight and out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# -- the dtype policy ---------------------------------------------------------------------------------------
+POLICIES = ("auto", "storage", "float32")
+HALF = (torch.bfloat16, torch.float16)  # the storage dtypes the policy is about
+_policy: str | None = None
+
+
+def set_policy(policy: str | None) -> None:
+    """"auto" (fp32 for large products only where bf16/fp16 is slow), "storage" (never upcast), "float32"
+    (always); None: back to `QVA_COMPUTE_DTYPE` or "auto"."""
+    global _policy
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"compute dtype policy must be one of {POLICIES}, got {policy!r}")
+    _policy = policy
+
+
+def policy() -> str:
+    if _policy is not None:
+        return _policy
+    env = os.environ.get("QVA_COMPUTE_DTYPE", "auto")
+    if env not in POLICIES:
+        raise ValueError(f"QVA_COMPUTE_DTYPE must be one of {POLICIES}, got {env!r}")
+    return env
+
+
+def _cpu_flags_say_fast_half_matmul() -> bool:
+    """True if this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags or "amx_fp16" in flags
+
+
+_FAST_HALF_MATMUL = _cpu_flags_say_fast_half_matmul()  # read once, at import: compiled code sees a constant
+
+
+def cpu_has_fast_half_matmul() -> bool:
+    return _FAST_HALF_MATMUL
+
+
+def large_matmul_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The activation dtype for compute-bound products (many rows) over weights stored in `weight_dtype`."""
+    if weight_dtype not in HALF:
+        return weight_dtype
+    p = policy()
+    if p == "storage":
+        return weight_dtype
+    if p == "float32" or device.type == "cpu" and not cpu_has_fast_half_matmul():
+        return torch.float32
+    return weight_dtype
+
+
+# -- products over a stored weight ---------------------------------------------------------------------------
+_scratch = threading.local()
+SCRATCH_MAX_BYTES = 256 * 2**20  # larger casts (a vocabulary head) are not kept between calls
+
+
+def clear_scratch() -> None:
+    """Free the buffers that hold cast copies of weights between forwards (one per weight shape)."""
+    _scratch.__dict__.clear()
+
+
+def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w` in `dtype`. Without autograd the copy is written into a scratch buffer reused for every weight of
+    that shape, so it is valid only until the next cast of the same shape: use it at once."""
+    if w.dtype == dtype:
+        return w
+    nbytes = w.numel() * dtype.itemsize
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or nbytes > SCRATCH_MAX_BYTES:
+        return w.to(dtype)
+    key = (tuple(w.shape), dtype, w.device)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    if key not in buffers:
+        buffers[key] = torch.empty(w.shape, dtype=dtype, device=w.device)
+    return buffers[key].copy_(w)
+
+
+class StoredWeightProduct(torch.autograd.Function):
+    """`x @ W.T + b` in x's dtype for a weight stored in another dtype, saving the stored tensor only.
+
+    Forward casts W (and b) to x's dtype for the product and drops the copy; backward casts W again for
+    the input gradient. x is saved only when W needs a gradient (x `[..., in]`, W `[out, in]`, b `[out]`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.to(grad.dtype)  # [..., out] @ [out, in]
+        if ctx.needs_input_grad[1]:
+            grad_w = (rearrange(grad, "... o -> o (...)") @ rearrange(x, "... i -> (...) i")).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = rearrange(grad, "... o -> (...) o").sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` `[..., out]`, computed in x's dtype whatever the weight's storage dtype."""
+    if use_gemv(x, weight):
+        return gemv(x, weight, bias)
+    if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return StoredWeightProduct.apply(x, weight, bias)
+    return F.linear(x, cast_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# -- decode: matrix–vector products over half-precision weights, for torch.compile on CPU ----------------------
+# One-token decoding reads every weight once per step, so its speed is the rate at which weights stream
+# from memory. PyTorch's CPU kernels for `x @ W.T` over half-precision W fall short of that: with one row
+# they keep one accumulator per output (~20 GB/s on a 2-core AVX2 machine whose reductions read 36 GB/s),
+# and with 2–4 rows they take a GEMM path that converts the weights once per row (~4× slower per step).
+# Written as below — 16 weights per vector, one product-and-sum per input row — inductor emits one loop
+# per weight row that converts each 16 weights once, keeps two accumulators for each of up to 4 input
+# rows, and finishes the 16-lane sums while they are in cache.
+LANES = 16  # weights per AVX2 step: two 8-float vectors, two independent accumulators
+MAX_ROWS = 4  # more input rows than this run out of vector registers; those go to F.linear
+MIN_IN_FEATURES = 512  # the 16-lane partial sums (64 bytes a row per input row) must stay small next to a weight row
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` for `x` `[..., I]` with at most `MAX_ROWS` rows, accumulated in fp32, in x's dtype."""
+    out_features, in_features = weight.shape
+    w = rearrange(weight, "o (k l) -> o k l", l=LANES).float()  # [O, I/16, 16]: converted in registers once fused
+    rows = rearrange(x, "... (k l) -> (...) k l", l=LANES).float().contiguous()  # [R, I/16, 16]
+    # as_strided makes inductor write `rows` to memory; otherwise it inlines x's producer (an RMSNorm, a
+    # SiLU gate) into the loop below and recomputes it for every weight row.
+    rows = rows.as_strided(rows.shape, rows.stride())
+    partial = torch.stack([(w * row).sum(1) for row in rows.unbind(0)])  # [R, O, 16]: one pass over w
+    y = partial.sum(-1)  # [R, O]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where `gemv` beats `F.linear`: compiling for CPU, half-precision weights, wide rows, ≤ MAX_ROWS rows."""
+    return (
+        torch.compiler.is_compiling()
+        and weight.device.type == "cpu"
+        and weight.dtype in HALF
+        and weight.shape[1] % LANES == 0
+        and weight.shape[1] >= MIN_IN_FEATURES
+        and x.numel() <= MAX_ROWS * x.shape[-1]
+    )
+
+
+# -- layers over stored weights -------------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and checkpoint names) whose product is `matmul`'s, plus LoRA if added."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = matmul(x, self.weight, self.bias)
+        return y if "lora_A" not in self._modules or self.lora_merged else y + lora_delta(self, x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` in the input's dtype, whatever its parameters' storage dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = (None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class Conv1d(nn.Conv1d):
+    """`nn.Conv1d` in the input's dtype, whatever its parameters' storage dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return self._conv_forward(x, self.weight.to(x.dtype), b)
+
+
+# -- LoRA -----------------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the LLM's linears
+
+
+def add_lora(linear: Linear, rank: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> Linear:
+    """Give `linear` LoRA factors `lora_A` `[rank, in]` (kaiming-uniform, as PEFT) and `lora_B` `[out, rank]`
+    (zeros), scaled by alpha / rank, with dropout on the factors' input. Returns `linear`."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be ≥ 1, got {rank}")
+    device = linear.weight.device
+    linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, dtype=dtype, device=device)
+    linear.lora_B = nn.Linear(rank, linear.out_features, bias=False, dtype=dtype, device=device)
+    nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(linear.lora_B.weight)
+    linear.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    linear.lora_scaling = alpha / rank
+    linear.lora_merged = False
+    return linear
+
+
+def lora_delta(linear: Linear, x: torch.Tensor) -> torch.Tensor:
+    """`lora_B(lora_A(dropout(x))) · scaling` `[..., out]`, computed in the factors' dtype, returned in x's."""
+    a = linear.lora_A.weight
+    h = F.linear(linear.lora_dropout(x.to(a.dtype)), a)  # [..., r]
+    return (F.linear(h, linear.lora_B.weight) * linear.lora_scaling).to(x.dtype)
+
+
+def lora_weight(linear: Linear) -> torch.Tensor:
+    """The dense update `B @ A · scaling` `[out, in]`, fp32."""
+    return (linear.lora_B.weight.float() @ linear.lora_A.weight.float()) * linear.lora_scaling
+
+
+@torch.no_grad()
+def merge_lora(linear: Linear) -> None:
+    """Fold the LoRA update into the stored weight (forward then skips the factors); `unmerge_lora` undoes it."""
+    if not linear.lora_merged:
+        linear.weight.copy_((linear.weight.float() + lora_weight(linear)).to(linear.weight.dtype))
+        linear.lora_merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(linear: Linear) -> None:
+    if linear.lora_merged:
+        linear.weight.copy_((linear.weight.float() - lora_weight(linear)).to(linear.weight.dtype))
+        linear.lora_merged = False
+
+
+def lora_linears(module: nn.Module) -> dict[str, Linear]:
+    """The `Linear`s of `module` that carry LoRA factors, by qualified name."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, Linear) and "lora_A" in m._modules}

@@ -1,0 +1,263 @@
+"""How a stored weight is multiplied (`qva/linear.py`): dtype policy, the stored-weight autograd product,
+the scratch buffers, the decode gemv kernel, LoRA, and norms/convs that follow the input's dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qva import linear as L
+from qva.demo import random_whisper_encoder
+from qva.linear import (
+    Conv1d, LayerNorm, Linear, add_lora, clear_scratch, gemv, large_matmul_dtype, lora_weight, matmul,
+    merge_lora, set_policy, unmerge_lora, use_gemv,
+)
+from qva.whisper_encoder import WhisperEncoderConfig
+
+
+@pytest.fixture(autouse=True)
+def restore_policy():
+    yield
+    set_policy(None)
+
+
+def reference(x, weight, bias):
+    """fp32 product of the same (rounded) weights."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+# -- the dtype policy ----------------------------------------------------------------------------------------
+def test_policy_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    set_policy("float32")
+    assert large_matmul_dtype(torch.bfloat16, cpu) == torch.float32
+    set_policy("storage")
+    assert large_matmul_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    set_policy("auto")
+    monkeypatch.setattr(L, "cpu_has_fast_half_matmul", lambda: False)
+    assert large_matmul_dtype(torch.float16, cpu) == torch.float32
+    monkeypatch.setattr(L, "cpu_has_fast_half_matmul", lambda: True)
+    assert large_matmul_dtype(torch.float16, cpu) == torch.float16
+    assert large_matmul_dtype(torch.float32, cpu) == torch.float32  # fp32 weights: nothing to decide
+    with pytest.raises(ValueError, match="policy must be one of"):
+        set_policy("fast")
+    set_policy(None)
+    monkeypatch.setenv("QVA_COMPUTE_DTYPE", "storage")
+    assert large_matmul_dtype(torch.bfloat16, cpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("policy,out_dtype", [("float32", torch.float32), ("storage", torch.bfloat16)])
+def test_whisper_bf16_weights_both_policies_close_to_fp32(policy, out_dtype):
+    cfg = WhisperEncoderConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    enc32 = random_whisper_encoder(cfg, seed=0, std=0.05)
+    enc16 = random_whisper_encoder(cfg, seed=0, std=0.05).to(torch.bfloat16)
+    x = torch.randn(1, 80, 3000)
+    set_policy(policy)
+    with torch.no_grad():
+        ref, out = enc32(x), enc16(x)
+    assert out.dtype == out_dtype
+    assert enc16.conv1.weight.dtype == torch.bfloat16  # storage untouched
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < (0.01 if policy == "float32" else 0.05)  # fp32 compute only suffers the weights' rounding
+
+
+# -- products over a stored weight ---------------------------------------------------------------------------
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_stored_weight_product_gradients_equal_fp32(weight_trains):
+    g = torch.Generator().manual_seed(0)
+    w16 = nn.Parameter(torch.randn(6, 8, generator=g).to(torch.bfloat16), requires_grad=weight_trains)
+    b16 = nn.Parameter(torch.randn(6, generator=g).to(torch.bfloat16), requires_grad=weight_trains)
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    y = matmul(x, w16, b16)
+    assert y.dtype == torch.float32 and y.grad_fn.name().startswith("StoredWeightProduct")
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    x32 = x.detach().clone().requires_grad_()
+    w32, b32 = w16.detach().float().requires_grad_(), b16.detach().float().requires_grad_()
+    F.linear(x32, w32, b32).backward(gy)
+    assert torch.allclose(y, F.linear(x32, w32, b32), atol=1e-5)
+    assert torch.allclose(x.grad, x32.grad, atol=1e-5)
+    if weight_trains:
+        assert w16.grad.dtype == torch.bfloat16 and torch.allclose(w16.grad.float(), w32.grad, rtol=1e-2, atol=1e-2)
+        assert torch.allclose(b16.grad.float(), b32.grad, rtol=1e-2, atol=1e-2)
+    else:
+        assert w16.grad is None and b16.grad is None  # frozen weights never get a .grad
+
+
+def saved_during(fn) -> list[torch.Tensor]:
+    """Every tensor autograd saves for backward while `fn` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+def test_frozen_half_weight_saves_only_the_stored_tensor():
+    """A LoRA-style step over a frozen bf16 weight with fp32 activations keeps no fp32 copy of the weight
+    for backward (the memory a 7B could not afford); the copy made by the old differentiable cast would."""
+    w16 = torch.randn(64, 32).to(torch.bfloat16)
+    x = torch.randn(4, 32, requires_grad=True)
+    saved = saved_during(lambda: matmul(x, w16).sum())
+    weight_copies = lambda ts: [t for t in ts if t.dtype == torch.float32 and t.numel() == w16.numel()]  # noqa: E731
+    assert not weight_copies(saved) and any(t is w16 for t in saved)
+    old = saved_during(lambda: F.linear(x, w16.float()).sum())  # what a differentiable upcast saves
+    assert len(weight_copies(old)) == 1
+
+
+def test_scratch_buffer_reused_across_weights_and_calls():
+    clear_scratch()
+    layers = [Linear(8, 6).to(torch.bfloat16) for _ in range(3)]
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        outs = [lin(x) for lin in layers]
+        buffers = dict(L._scratch.buffers)
+        again = [lin(x) for lin in layers]
+    assert set(buffers) == {((6, 8), torch.float32, torch.device("cpu"))}  # one buffer for every [6, 8] weight
+    assert all(b is L._scratch.buffers[k] for k, b in buffers.items())  # the second pass wrote into the same memory
+    for lin, a, b in zip(layers, outs, again):
+        assert torch.equal(a, b) and torch.equal(a, reference(x, lin.weight, lin.bias))
+    assert all(lin.weight.dtype == torch.bfloat16 for lin in layers)  # storage untouched
+    clear_scratch()
+    assert not getattr(L._scratch, "buffers", None)
+
+
+def test_norm_and_conv_follow_the_input_dtype():
+    ln = LayerNorm(8).to(torch.bfloat16)
+    conv = Conv1d(4, 6, kernel_size=3, padding=1).to(torch.bfloat16)
+    with torch.no_grad():
+        ln.weight.normal_()
+        conv.weight.normal_()
+    x = torch.randn(2, 8)
+    assert ln(x).dtype == torch.float32
+    assert torch.allclose(ln(x), F.layer_norm(x, (8,), ln.weight.float(), ln.bias.float()), atol=1e-6)
+    s = torch.randn(1, 4, 10)
+    assert torch.allclose(conv(s), F.conv1d(s, conv.weight.float(), conv.bias.float(), padding=1), atol=1e-6)
+
+
+# -- decode gemv -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # each case compiles anew (and stays under the recompile limit)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype,shape,bias", [
+    (torch.bfloat16, (1, 528), True), (torch.bfloat16, (2, 1, 528), False), (torch.bfloat16, (4, 528), True), (torch.float16, (3, 1, 528), True),
+])
+def test_gemv_equals_fp32_linear_eager_and_compiled(fresh_dynamo, dtype, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 528, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype) if bias else None
+    x = torch.randn(shape, generator=g)
+    want = reference(x, weight, b)
+    eager = gemv(x, weight, b)
+    compiled = torch.compile(gemv, fullgraph=True, dynamic=False)(x, weight, b)
+    assert eager.shape == compiled.shape == (*shape[:-1], 40) and compiled.dtype == x.dtype
+    assert (eager - want).abs().max() < 1e-4  # outputs ~50: fp32 summation order only
+    assert (compiled - want).abs().max() < 1e-4
+    # in the storage dtype, the result is the fp32 sum rounded once
+    xh = x.to(dtype)
+    half = torch.compile(gemv, fullgraph=True, dynamic=False)(xh, weight, b)
+    want = reference(xh, weight, b)
+    assert half.dtype == dtype
+    assert ((half.float() - want).abs() <= want.abs() * 2**-8 + 1e-5).all()
+
+
+def test_use_gemv_only_when_compiling_for_cpu_half_weights_few_rows(monkeypatch):
+    w16, w32 = torch.zeros(8, 512, dtype=torch.bfloat16), torch.zeros(8, 512)
+    x = torch.zeros(1, 512)
+    assert not use_gemv(x, w16)  # eager: F.linear
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert use_gemv(x, w16)
+    assert use_gemv(torch.zeros(2, 2, 512), w16)  # 4 rows
+    assert not use_gemv(torch.zeros(5, 512), w16)  # too many rows: a matrix product
+    assert not use_gemv(x, w32)  # fp32 weights: F.linear is as fast
+    assert not use_gemv(torch.zeros(1, 520), torch.zeros(8, 520, dtype=torch.bfloat16))  # not a multiple of 16
+    assert not use_gemv(torch.zeros(1, 256), torch.zeros(8, 256, dtype=torch.bfloat16))  # narrow: partial sums dominate
+
+
+def test_linear_takes_the_gemv_path_when_compiled(fresh_dynamo, monkeypatch):
+    lin = Linear(512, 8).to(torch.bfloat16)
+    calls = []
+    real = L.gemv
+    monkeypatch.setattr(L, "gemv", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    out = torch.compile(lin, fullgraph=True, dynamic=False)(x)
+    assert calls, "compiled bf16 Linear did not use gemv"
+    want = reference(x, lin.weight, lin.bias)
+    assert ((out.float() - want).abs() <= want.abs() * 2**-8 + 1e-3).all()
+    calls.clear()
+    lin(x)
+    assert not calls  # eager keeps F.linear
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------------
+def lora_linear(dtype=torch.float32, rank=4, alpha=8.0, dropout=0.0) -> Linear:
+    torch.manual_seed(0)
+    lin = Linear(16, 12).to(dtype)
+    return add_lora(lin, rank, alpha, dropout)
+
+
+def test_lora_starts_as_identity_and_adds_its_scaled_product():
+    lin = lora_linear()
+    x = torch.randn(3, 16)
+    base = F.linear(x, lin.weight, lin.bias)
+    assert torch.equal(lin(x), base)  # B = 0: unchanged at step 0
+    assert lin.lora_A.weight.shape == (4, 16) and lin.lora_B.weight.shape == (12, 4) and lin.lora_scaling == 2.0
+    bound = 1 / 16**0.5  # kaiming-uniform(a=√5) over fan-in 16, as PEFT
+    assert 0.5 * bound < lin.lora_A.weight.abs().max() <= bound
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    want = base + 2.0 * (x @ lin.lora_A.weight.T @ lin.lora_B.weight.T)
+    assert torch.allclose(lin(x), want, atol=1e-5)
+    assert {n for n, _ in lin.named_parameters()} == {"weight", "bias", "lora_A.weight", "lora_B.weight"}  # base names kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_merge_and_unmerge(dtype):
+    lin = lora_linear(dtype)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_(std=0.1)
+    stored = lin.weight.detach().clone()
+    x = torch.randn(3, 16, dtype=dtype)
+    before = lin(x).float()
+    merge_lora(lin)
+    assert lin.lora_merged and torch.allclose(lin.weight.float(), stored.float() + lora_weight(lin), atol=1e-2 if dtype != torch.float32 else 1e-6)
+    after = lin(x).float()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(before, after, atol=tol)
+    unmerge_lora(lin)
+    assert not lin.lora_merged
+    assert torch.allclose(lin.weight.float(), stored.float(), atol=1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_lora_factors_train_in_fp32_over_a_frozen_half_base():
+    lin = lora_linear(torch.bfloat16)
+    lin.weight.requires_grad_(False)
+    lin.bias.requires_grad_(False)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(3, 16)  # fp32 activations (the policy's choice on a CPU without native bf16)
+    y = lin(x)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is None
+    assert lin.lora_A.weight.grad.dtype == torch.float32 and lin.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_lora_dropout_applies_to_the_factors_input_only():
+    lin = lora_linear(dropout=0.5)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(64, 16)
+    lin.train()
+    torch.manual_seed(1)
+    a = lin(x)
+    torch.manual_seed(2)
+    b = lin(x)
+    assert not torch.equal(a, b)
+    lin.eval()
+    assert torch.equal(lin(x), lin(x))

@@ -67,16 +67,23 @@ def _check_text(text, where: str) -> None:
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
+    return "".join(text for text, _ in render_segments(messages, add_generation_prompt, add_vision_id))
+
+
+def render_segments(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_answer) pieces: `is_answer` marks each assistant message's content
+    and its `<|im_end|>`, what a model is trained to produce (everything else is context)."""
     check_messages(messages)
     counts = dict.fromkeys(MEDIA, 0)
-    out = []
+    out: list[tuple[str, bool]] = []
     for i, message in enumerate(messages):
         if i == 0 and message["role"] != "system":
-            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-        out.append(f"<|im_start|>{message['role']}\n")
+            out.append((f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False))
+        out.append((f"<|im_start|>{message['role']}\n", False))
+        answer = message["role"] == "assistant"
         content = message["content"]
         if isinstance(content, str):
-            out.append(content)
+            out.append((content, answer))
         else:
             for item in content:
                 kind = media_type(item)
@@ -84,14 +91,15 @@ def render(messages: list[dict], add_generation_prompt: bool = False, add_vision
                     counts[kind] += 1
                     label, start, pad, end = MEDIA[kind]
                     if add_vision_id:
-                        out.append(f"{label} {counts[kind]}: ")
-                    out.append(start + pad + end)
+                        out.append((f"{label} {counts[kind]}: ", False))
+                    out.append((start + pad + end, False))
                 elif "text" in item:
-                    out.append(item["text"])
-        out.append("<|im_end|>\n")
+                    out.append((item["text"], answer))
+        out.append(("<|im_end|>", answer))
+        out.append(("\n", False))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+        out.append(("<|im_start|>assistant\n", False))
+    return out
 
 
 def media_items(messages: list[dict]) -> dict[str, list]:

@@ -121,20 +121,53 @@ class Processor:
         if not tokenize:
             return text
         media = chat_template.media_items(messages)
-        return self(text=[text], images=media["image"] or None, videos=media["video"] or None, audios=media["audio"] or None)
+        return self(text=[text], images=media["image"] or None, videos=media["video"] or None, audio=media["audio"] or None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- everything -----------------------------------------------------------------------------------
-    def __call__(self, text, images=None, videos=None, audios=None, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    def __call__(self, text, images=None, videos=None, audios=None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 audio=None) -> dict:
+        """Texts with placeholders + media → left-padded model inputs. `audio=` is transformers' current
+        keyword for the clips, `audios=` the older one; give one of them."""
+        if audio is not None and audios is not None:
+            raise ValueError("give the audio clips as audio= or as audios=, not both")
         texts = [text] if isinstance(text, str) else list(text)
+        out, counts = self._media(texts, images, videos, audio if audio is not None else audios, min_pixels, max_pixels)
+        remaining = {k: list(v) for k, v in counts.items()}  # consumed across the texts, in order
+        out.update(self._tokenize([self._expand(t, remaining) for t in texts]))
+        return out
+
+    def encode_conversation(self, messages: list[dict], min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+        """One whole conversation (media taken from the messages) → model inputs for training, batch of one:
+        `input_ids` `[1, S]`, `labels` `[1, S]` holding the ids of each assistant message's content and its
+        `<|im_end|>` and −100 everywhere else (system, user, media placeholders, template tokens)."""
+        segments = chat_template.render_segments(messages)
+        media = chat_template.media_items(messages)
+        out, counts = self._media(["".join(t for t, _ in segments)], media["image"], media["video"], media["audio"], min_pixels, max_pixels)
+        counts = {k: list(v) for k, v in counts.items()}
+        text, spans = "", []
+        for piece, answer in segments:
+            piece = self._expand(piece, counts)  # placeholders are repeated in order, across the pieces
+            if answer:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = torch.tensor([enc.ids], dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for i, (a, b) in enumerate(enc.offsets):
+            if any(a < end and b > start for start, end in spans):  # the token overlaps an answer span
+                labels[0, i] = ids[0, i]
+        return {**out, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels) -> tuple[dict, dict[str, list[int]]]:
+        """Media → tensors, and the number of feature rows per item (placeholders are checked against them)."""
         images, videos, audios = list(images or []), list(videos or []), list(audios or [])
         for kind, pad, given in (("image", IMAGE_PAD, images), ("video", VIDEO_PAD, videos), ("audio", AUDIO_PAD, audios)):
             n = sum(t.count(pad) for t in texts)
             if n != len(given):
                 raise ValueError(f"the prompt has {n} {kind} placeholder(s) ({pad}) but {len(given)} {kind}(s) were given")
-
         out: dict[str, torch.Tensor] = {}
         counts: dict[str, list[int]] = {}
         for kind, items, fn, cfg in (("image", images, process_image, self.image_config), ("video", videos, process_video, self.video_config)):
@@ -148,10 +181,7 @@ class Processor:
             counts[kind] = [t * h * w // merge for t, h, w in grids]
         if audios:
             out["input_features"], out["audio_valid_frames"], counts["audio"] = self._audio(audios)
-
-        expanded = [self._expand(t, counts) for t in texts]
-        out.update(self._tokenize(expanded))
-        return out
+        return out, counts
 
     def _audio(self, audios: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Clips → log-mel windows, valid frames per window, and LLM tokens per clip."""
@@ -172,7 +202,7 @@ class Processor:
 
     @staticmethod
     def _expand(text: str, counts: dict[str, list[int]]) -> str:
-        """Repeat each placeholder once per feature row, consuming the per-item counts in order."""
+        """Repeat each placeholder once per feature row, consuming (popping) the per-item counts in order."""
         for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD), ("audio", AUDIO_PAD)):
             if kind not in counts:
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -106,6 +107,7 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpoint_layers = False  # training: recompute each layer's activations in backward (saves memory)
 
     def forward(
         self,
@@ -133,5 +135,10 @@ class Qwen2Model(nn.Module):
             mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
         x = inputs_embeds.to(dt)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, layer=i, **cache_args) if cache_args else layer(x, cos, sin, mask)
+            if cache_args:
+                x = layer(x, cos, sin, mask, layer=i, **cache_args)
+            elif self.checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)

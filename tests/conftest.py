@@ -183,6 +183,10 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
+        return self.forward(ids, mask, feats, valid, pixel_values, image_grid_thw)
+
+    def forward(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
+        """Logits `[B, S, V]`, recording gradients (for training parity)."""
         model = self.qwen
         embeds = model.get_input_embeddings()(ids)
         if pixel_values is not None:
@@ -194,6 +198,11 @@ class Reference:
         types = (ids == IMAGE_PAD).int()  # audio tokens are text (type 0)
         pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, None, mask)
         return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
+
+    def loss(self, labels, *args, **kwargs):
+        """Mean cross-entropy of `labels[:, t + 1]` from position t over labelled (≠ −100) positions."""
+        logits = self.forward(*args, **kwargs)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 # -- the demo checkpoints, written once, and broken copies of them -----------------------------------------
@@ -221,3 +230,30 @@ def broken_copy(folder: Path, dst: Path, **files) -> Path:
             content = json.dumps(content)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return dst
+
+
+# -- training: a tiny transformers-built Qwen2-VL with a tokenizer, a tiny Whisper, and a small manifest -----------
+@pytest.fixture(scope="session")
+def train_dirs(tmp_path_factory):
+    """(ref qwen, qwen folder, ref whisper encoder, whisper folder, manifest): the reference models are the
+    transformers modules the folders were saved from; the qwen folder has the demo tokenizer (Qwen's ids)."""
+    import json
+
+    import soundfile as sf
+
+    from qva.demo import demo_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    qwen = tiny_qwen2vl(seed=3, tie=True).eval()
+    qwen.save_pretrained(root / "qwen")
+    (root / "qwen" / "tokenizer.json").write_text(demo_tokenizer().to_str())
+    (root / "qwen" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 64}))
+    whisper = tiny_hf_whisper(seed=4)
+    whisper.save_pretrained(root / "whisper")
+    (root / "clips").mkdir()
+    answers = ["42", "7", "315", "8", "906", "11", "2", "64"]
+    with open(root / "train.jsonl", "w") as f:
+        for i, text in enumerate(answers):
+            sf.write(str(root / "clips" / f"{i}.wav"), speechlike(0.3 + 0.1 * i, seed=i).numpy(), 16000)
+            f.write(json.dumps({"audio": f"clips/{i}.wav", "text": text, "voice": f"v{i % 3}"}) + "\n")
+    return qwen, root / "qwen", whisper.model.encoder, root / "whisper", root / "train.jsonl"

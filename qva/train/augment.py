@@ -1,0 +1,81 @@
+"""Audio augmentation for training (off by default): speed perturbation and additive noise on the waveform
+(Ko et al., 2015), SpecAugment-style time and frequency masks on the log-mel (Park et al., 2019).
+
+With any of it on, Whisper cannot be run once and cached: each step re-encodes its clips (frozen, without
+gradients). Every random draw comes from a generator seeded by (seed, step), so a resumed run draws the
+same augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..audio import SAMPLE_RATE
+from ..resample import resample
+
+
+@dataclass
+class AugmentConfig:
+    speeds: tuple[float, ...] = ()  # each clip's speed factor drawn from these (e.g. 0.9, 1.0, 1.1)
+    noise_snr: tuple[float, float] | None = None  # white noise at an SNR (dB) drawn from this range
+    noise_prob: float = 0.5  # probability a clip gets noise
+    time_masks: int = 0  # SpecAugment: masks over time per window (within the clip's valid frames)
+    time_mask_width: int = 40  # … each up to this many mel frames (10 ms each)
+    freq_masks: int = 0  # masks over mel bins per window
+    freq_mask_width: int = 15  # … each up to this many bins
+
+    @property
+    def on(self) -> bool:
+        return bool(self.speeds) or self.noise_snr is not None or self.time_masks > 0 or self.freq_masks > 0
+
+    @property
+    def on_waveform(self) -> bool:
+        return bool(self.speeds) or self.noise_snr is not None
+
+
+def speed_perturb(wave: torch.Tensor, factor: float) -> torch.Tensor:
+    """Play `wave` (16 kHz) `factor`× as fast: read it as sampled at factor · 16 kHz, resample to 16 kHz
+    (tempo and pitch change together, as sox's `speed`)."""
+    if factor == 1.0:
+        return wave
+    return resample(wave.double(), round(SAMPLE_RATE * factor), SAMPLE_RATE).float()
+
+
+def add_noise(wave: torch.Tensor, snr_db: float, generator: torch.Generator) -> torch.Tensor:
+    """`wave` + white noise whose power is `snr_db` below the clip's."""
+    rms = wave.square().mean().sqrt().clamp(min=1e-8)
+    noise = torch.randn(wave.shape, generator=generator) * (rms / 10 ** (snr_db / 20))
+    return wave + noise
+
+
+def augment_wave(wave: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    if cfg.speeds:
+        wave = speed_perturb(wave, cfg.speeds[int(torch.randint(len(cfg.speeds), (1,), generator=generator))])
+    if cfg.noise_snr is not None and float(torch.rand((), generator=generator)) < cfg.noise_prob:
+        lo, hi = cfg.noise_snr
+        wave = add_noise(wave, lo + (hi - lo) * float(torch.rand((), generator=generator)), generator)
+    return wave
+
+
+def spec_augment(features: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Log-mel `[W, mels, 3000]` with time and frequency bands set to each window's mean over its valid
+    frames `valid` `[W]` (masks stay within them: the padding is already silence)."""
+    out = features.clone()
+    for w in range(out.shape[0]):
+        n = int(valid[w])
+        if n == 0:
+            continue
+        fill = out[w, :, :n].mean()
+        for _ in range(cfg.time_masks):
+            width = int(torch.randint(cfg.time_mask_width + 1, (1,), generator=generator))
+            width = min(width, n)
+            start = int(torch.randint(n - width + 1, (1,), generator=generator))
+            out[w, :, start:start + width] = fill
+        for _ in range(cfg.freq_masks):
+            bins = out.shape[1]
+            width = min(int(torch.randint(cfg.freq_mask_width + 1, (1,), generator=generator)), bins)
+            start = int(torch.randint(bins - width + 1, (1,), generator=generator))
+            out[w, start:start + width, :n] = fill
+    return out

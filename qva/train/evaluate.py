@@ -1,0 +1,72 @@
+"""Scoring a model's greedy answers: exact match and word error rate.
+
+Exact match compares the whole answer after stripping surrounding whitespace and final punctuation (and
+collapsing inner whitespace); WER is the word-level edit distance over the reference's word count, summed
+over the set (Levenshtein: substitutions, insertions and deletions).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..generate import DEFAULT_EOS, generate
+from .data import Sample, collate
+
+FINAL_PUNCTUATION = ".,!?;:。！？"
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip()).rstrip(FINAL_PUNCTUATION).strip()
+
+
+def word_errors(hyp: str, ref: str) -> tuple[int, int]:
+    """(edit distance in words, number of reference words)."""
+    h, r = normalize(hyp).split(), normalize(ref).split()
+    prev = list(range(len(h) + 1))
+    for i, rw in enumerate(r, start=1):
+        cur = [i] + [0] * len(h)
+        for j, hw in enumerate(h, start=1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
+        prev = cur
+    return prev[-1], len(r)
+
+
+def score(hyps: list[str], refs: list[str]) -> dict:
+    """{"exact_match": %, "wer": %, "n": count}."""
+    if not refs:
+        return {"exact_match": 0.0, "wer": 0.0, "n": 0}
+    exact = sum(normalize(h) == normalize(r) for h, r in zip(hyps, refs))
+    errors = [word_errors(h, r) for h, r in zip(hyps, refs)]
+    words = max(1, sum(n for _, n in errors))
+    return {"exact_match": 100.0 * exact / len(refs), "wer": 100.0 * sum(e for e, _ in errors) / words, "n": len(refs)}
+
+
+@torch.no_grad()
+def greedy_answers(model, processor, samples: list[Sample], batch_size: int = 32, max_new_tokens: int = 32) -> list[str]:
+    """Each sample's greedy answer to its generation prompt (everything before its last answer)."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        batch = collate(chunk, processor.pad_token_id, prompt_only=True)
+        out = generate(model, **batch, max_new_tokens=max_new_tokens, eos_token_id=list(DEFAULT_EOS),
+                       pad_token_id=processor.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        for row in new.tolist():
+            ids = []
+            for t in row:
+                if t in DEFAULT_EOS:
+                    break
+                ids.append(t)
+            answers.append(processor.decode(ids))
+    model.train(was_training)
+    return answers
+
+
+def evaluate(model, processor, samples: list[Sample], batch_size: int = 32, max_new_tokens: int = 32) -> dict:
+    """Greedy answers scored against each sample's reference answer: {"exact_match", "wer", "n", "answers"}."""
+    answers = greedy_answers(model, processor, samples, batch_size, max_new_tokens)
+    return {**score(answers, [s.example.answer for s in samples]), "answers": answers}

@@ -1,0 +1,225 @@
+"""Teaching the graft to hear, on real speech: the spoken-digits recipe, stage by stage. Not a test.
+
+    python tests/benchmarks/bench_train.py --recipe digits --out DIR [--data ../shared/data/spoken-digits]
+                                           [--whisper ../shared/data/whisper-tiny.en] [--slice]
+
+No real Qwen2 weights exist here, so the recipe builds a small Qwen2-VL (hidden 256, 4 layers, the real
+151 936-token Qwen2 tokenizer, tied embeddings drawn at std 0.1 and kept frozen) and runs:
+
+  lm      the LLM learns the text form of the task: "<|audio_start|>three zero seven one<|audio_end|>" + prompt → "3071"
+  stage1  Whisper tiny.en (real weights) grafted on, audio_pool 4; only the projector trains
+  stage2  projector + LoRA r16 on all seven LLM linears
+
+Each stage's model is left in DIR/lm, DIR/stage1, DIR/stage2 (`qva.load(DIR/stage2)` gives the trained model,
+adapter applied). Voices never heard: 9 of the 72 voices (every 8th, sorted) are held out of every stage;
+all their clips (train and dev) make the `unseen` set. Reported after each stage: exact match of the whole
+digit string on dev (200 clips) and on unseen voices, with the stage's time; and Whisper tiny.en's own
+decoder (greedy, number words mapped to digits) on the same sets, through transformers. `--slice` is the
+short version CI runs (a smaller LLM, fewer steps, a subset of clips). Results: DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from qva.demo import randomize_  # noqa: E402
+from qva.linear import cpu_has_fast_half_matmul  # noqa: E402
+from qva.model import QVAModel  # noqa: E402
+from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
+from qva.train.loop import TrainConfig, train  # noqa: E402
+from weights_loader.writer import save_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+DATA = ROOT / "shared" / "data" / "spoken-digits"
+WHISPER = ROOT / "shared" / "data" / "whisper-tiny.en"
+TOKENIZER = ROOT / "shared" / "data" / "qwen2-vl-tokenizer"
+PROMPT = "Transcribe the digits."
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=700, lm_lr=3e-3, batch=64,
+            s1_steps=400, s1_lr=3e-3, s2_steps=500, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=100)
+SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=150, lm_lr=5e-3, batch=32,
+             s1_steps=60, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0)
+
+
+def held_out_voices(voices: set[str]) -> set[str]:
+    return set(sorted(voices)[3::8])
+
+
+def text_form(spoken: str) -> str:
+    return f"<|audio_start|>{spoken}<|audio_end|>"
+
+
+def prepare(data: Path, out: Path, clips: int | None) -> dict[str, Path]:
+    """Manifests: the text task (lm), the speech task (train, dev), and the unseen-voice set."""
+    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+    dev = [json.loads(line) for line in (data / "dev.jsonl").read_text().splitlines() if line.strip()]
+    held = held_out_voices({x["voice"] for x in train} | {x["voice"] for x in dev})
+    seen_train = [x for x in train if x["voice"] not in held]
+    unseen = [x for x in train + dev if x["voice"] in held]
+    if clips:
+        seen_train, dev, unseen = seen_train[:clips], dev[: clips // 4], unseen[: clips // 4]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+
+    def speech(rows, name, split_of):
+        path = out / "data" / name
+        with open(path, "w") as f:
+            for x in rows:
+                f.write(json.dumps({"audio": str(data / x["audio"]), "text": x["text"], "voice": x["voice"], "split": split_of(x)}) + "\n")
+        return path
+
+    def text(rows, name):
+        path = out / "data" / name
+        with open(path, "w") as f:
+            for x in rows:
+                user = [{"type": "text", "text": text_form(x["spoken"])}, {"type": "text", "text": PROMPT}]
+                f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": x["text"]}]}) + "\n")
+        return path
+
+    return {
+        "lm_train": text(seen_train, "lm_train.jsonl"), "lm_dev": text(dev, "lm_dev.jsonl"),
+        "train": speech(seen_train, "train.jsonl", lambda x: "train"), "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
+        "unseen": speech(unseen, "unseen.jsonl", lambda x: "train" if x in train else "dev"),
+        "held_out_voices": sorted(held),
+    }
+
+
+def write_small_qwen2vl(folder: Path, p: dict, seed: int = 0) -> Path:
+    """A random small Qwen2-VL with the real tokenizer: std-0.02 linears, std-0.1 (tied) embeddings."""
+    half = p["hidden"] // p["heads"] // 2  # rotary frequencies, split t, h, w as Qwen2-VL's [16, 24, 24] of 64
+    h = w = (half - half // 4) // 2
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_act": "silu",
+        "hidden_size": p["hidden"], "intermediate_size": p["intermediate"], "num_hidden_layers": p["layers"],
+        "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"], "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "float32", "vocab_size": 151936,
+        "use_sliding_window": False, "rope_scaling": {"type": "mrope", "mrope_section": [half - h - w, h, w]},
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "initializer_range": 0.02,
+        "vision_config": {"depth": 1, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "in_chans": 3, "hidden_size": p["hidden"],
+                          "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+    model = QVAModel(Qwen2VLConfig.from_dict(config))
+    randomize_(model, seed, std=0.02, gain_std=0.0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        model.model.embed_tokens.weight.copy_(0.1 * torch.randn(model.model.embed_tokens.weight.shape, generator=g))
+        for name, t in model.named_parameters():
+            if name.endswith("bias"):
+                t.zero_()
+    files = {n: (TOKENIZER / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json")}
+    tensors = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    return save_checkpoint(folder, tensors, config, files)
+
+
+def to_digits(text: str) -> str:
+    """Whisper's transcript → digits: number words and digit characters, in order."""
+    tokens = re.findall(r"[a-z]+|\d", text.lower().replace("oh", "zero"))
+    return "".join(t if t.isdigit() else str(WORDS.index(t)) for t in tokens if t.isdigit() or t in WORDS)
+
+
+def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, float]:
+    """Exact match of Whisper tiny.en's own greedy transcripts (number words → digits), via transformers."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from qva.audio import load_audio
+
+    model = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=torch.float32).eval()
+    processor = WhisperProcessor.from_pretrained(whisper)
+    out = {}
+    for name in ("dev", "unseen"):
+        rows = [json.loads(line) for line in manifests[name].read_text().splitlines()]
+        hits = 0
+        for i in range(0, len(rows), 16):
+            chunk = rows[i:i + 16]
+            feats = processor([load_audio(r["audio"]).numpy() for r in chunk], sampling_rate=16000, return_tensors="pt").input_features
+            with torch.inference_mode():
+                ids = model.generate(feats, max_new_tokens=32)
+            for r, text in zip(chunk, processor.batch_decode(ids, skip_special_tokens=True)):
+                hits += to_digits(text) == r["text"]
+        out[name] = 100.0 * hits / len(rows)
+    return out
+
+
+def stage(results: dict, name: str, cfg: TrainConfig, manifests: dict, scored: tuple[str, ...]) -> None:
+    from qva.pretrained import load
+    from qva.train.data import encode_all, fill_audio_rows, read_manifest
+    from qva.train.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    seconds = time.perf_counter() - t0
+    model = load(cfg.out)
+    row = {"seconds": seconds, "steps": summary["steps"], "final_loss": summary["loss"]}
+    for split in scored:
+        examples, _ = read_manifest(manifests[split], cfg.prompt)
+        samples, _ = encode_all(examples, model.processor, 4096)
+        if model.audio_encoder is not None:
+            fill_audio_rows(model, samples, None if cfg.cache == "none" else Path(cfg.cache) if cfg.cache else None)
+        with torch.inference_mode():
+            row[split] = evaluate(model, model.processor, samples, 64, 12)["exact_match"]
+    results[name] = row
+    print(f"== {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=["digits"], default="digits")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--whisper", type=Path, default=WHISPER)
+    p.add_argument("--slice", action="store_true", help="the short CI version")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default="lm,stage1,stage2,baseline")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prm = SLICE if args.slice else FULL
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = prepare(args.data, out, prm["clips"])
+    whisper_dtype = "bf16" if cpu_has_fast_half_matmul() else "fp32"  # frozen and cached: the fast one
+    cache = str(out / "whisper-cache")
+    todo = args.stages.split(",")
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm)
+    common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
+                  cache=cache, keep_last=1, prompt=PROMPT)
+
+    if "lm" in todo:
+        write_small_qwen2vl(out / "base", prm, args.seed)
+        cfg = TrainConfig(stage="lm", model=str(out / "base"), train=str(manifests["lm_train"]), eval=str(manifests["lm_dev"]),
+                          out=str(out / "lm"), steps=prm["lm_steps"], lr=prm["lm_lr"], warmup_steps=prm["lm_steps"] // 10,
+                          freeze=("embeddings",), eval_every=prm["eval_every"], **common)
+        stage(results, "lm", cfg, manifests, ("lm_dev",))
+    if "stage1" in todo:
+        cfg = TrainConfig(stage="1", model=str(out / "lm"), whisper=str(args.whisper), train=str(manifests["train"]),
+                          eval=str(manifests["dev"]), out=str(out / "stage1"), audio_pool=4, whisper_dtype=whisper_dtype,
+                          steps=prm["s1_steps"], lr=prm["s1_lr"], warmup_steps=prm["s1_steps"] // 10, eval_every=prm["eval_every"], **common)
+        stage(results, "stage1", cfg, manifests, ("dev", "unseen"))
+    if "stage2" in todo and prm["s2_steps"]:
+        cfg = TrainConfig(stage="2", model=str(out / "stage1"), train=str(manifests["train"]), eval=str(manifests["dev"]),
+                          out=str(out / "stage2"), whisper_dtype=whisper_dtype, lora_rank=prm["rank"], lora_alpha=2 * prm["rank"],
+                          lora_dropout=0.05, steps=prm["s2_steps"], lr=prm["s2_lr"], projector_lr=prm["s2_projector_lr"],
+                          warmup_steps=prm["s2_steps"] // 10, eval_every=prm["eval_every"], **common)
+        stage(results, "stage2", cfg, manifests, ("dev", "unseen"))
+    if "baseline" in todo:
+        t0 = time.perf_counter()
+        results["whisper_tiny_en"] = {**whisper_baseline(manifests, args.whisper), "seconds": time.perf_counter() - t0}
+        print(f"== Whisper tiny.en's own decoder: {results['whisper_tiny_en']}", flush=True)
+    results_file.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

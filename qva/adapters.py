@@ -25,7 +25,7 @@ from torch import nn
 from weights_loader import Checkpoint, CheckpointError
 from weights_loader.writer import atomic_folder
 
-from .linear import Linear, add_lora, lora_linears
+from .linear import QUANTIZED_LINEARS, Linear, add_lora, lora_linears
 
 CONFIG, WEIGHTS, PROJECTOR = "adapter_config.json", "adapter_model.safetensors", "audio_projector.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -104,7 +104,7 @@ def apply_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
                 linear = model.get_submodule(module_name)
             except AttributeError:
                 linear = None
-            if not isinstance(linear, Linear) or set(keys) != {"A", "B"}:
+            if not isinstance(linear, (Linear, *QUANTIZED_LINEARS.values())) or set(keys) != {"A", "B"}:
                 raise CheckpointError(f"{folder / WEIGHTS}: {module_name!r} is not a linear layer of this model with both LoRA factors")
             add_lora(linear, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
             for part in ("A", "B"):

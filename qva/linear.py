@@ -1,4 +1,4 @@
-"""How a stored weight is multiplied: the one home for it.
+"""How a stored weight is multiplied: the one home for it (dense, NF4, LoRA).
 
 Everything that multiplies activations by a weight as it sits in memory goes through `matmul` (and the
 small `LayerNorm` / `Conv1d` wrappers): the dtype policy, the decode kernels and LoRA live here, so the
@@ -26,6 +26,11 @@ dropout)` gives a `Linear` two fp32 factors under PEFT's names, `lora_A` `[r, in
 `lora_B` `[out, r]` (zeros, so the model is unchanged at step 0); forward adds
 `lora_B(lora_A(dropout(x))) · alpha / r`. The base keeps its names (`weight`, `bias`), so base
 checkpoints load unchanged. `merge_lora` / `unmerge_lora` fold the product into the stored weight and out.
+
+**NF4** (QLoRA, Dettmers et al., 2023): `NF4Linear` stores a frozen base weight as 4-bit NormalFloat codes in
+blocks of 64 with double-quantized absmax (8-bit, blocks of 256), in plain uint8/fp32 buffers that DDP, FSDP2,
+safetensors and `torch.compile` see as ordinary tensors; `NF4Product` dequantizes on the fly in the
+activations' dtype and saves only the codes for backward. `quantize_nf4_(module)` swaps a module's `Linear`s.
 """
 
 from __future__ import annotations
@@ -199,8 +204,7 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters and checkpoint names) whose product is `matmul`'s, plus LoRA if added."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight, self.bias)
-        return y if "lora_A" not in self._modules or self.lora_merged else y + lora_delta(self, x)
+        return with_lora(self, x, matmul(x, self.weight, self.bias))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -223,12 +227,12 @@ class Conv1d(nn.Conv1d):
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the LLM's linears
 
 
-def add_lora(linear: Linear, rank: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> Linear:
-    """Give `linear` LoRA factors `lora_A` `[rank, in]` (kaiming-uniform, as PEFT) and `lora_B` `[out, rank]`
+def add_lora(linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give `linear` (a `Linear` or a quantized linear of this file) LoRA factors `lora_A` `[rank, in]` (kaiming-uniform, as PEFT) and `lora_B` `[out, rank]`
     (zeros), scaled by alpha / rank, with dropout on the factors' input. Returns `linear`."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be ≥ 1, got {rank}")
-    device = linear.weight.device
+    device = next(t for t in (*linear.parameters(), *linear.buffers())).device
     linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, dtype=dtype, device=device)
     linear.lora_B = nn.Linear(rank, linear.out_features, bias=False, dtype=dtype, device=device)
     nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
@@ -239,21 +243,24 @@ def add_lora(linear: Linear, rank: int, alpha: float, dropout: float = 0.0, dtyp
     return linear
 
 
-def lora_delta(linear: Linear, x: torch.Tensor) -> torch.Tensor:
+def lora_delta(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`lora_B(lora_A(dropout(x))) · scaling` `[..., out]`, computed in the factors' dtype, returned in x's."""
     a = linear.lora_A.weight
     h = F.linear(linear.lora_dropout(x.to(a.dtype)), a)  # [..., r]
     return (F.linear(h, linear.lora_B.weight) * linear.lora_scaling).to(x.dtype)
 
 
-def lora_weight(linear: Linear) -> torch.Tensor:
+def lora_weight(linear: nn.Module) -> torch.Tensor:
     """The dense update `B @ A · scaling` `[out, in]`, fp32."""
     return (linear.lora_B.weight.float() @ linear.lora_A.weight.float()) * linear.lora_scaling
 
 
 @torch.no_grad()
 def merge_lora(linear: Linear) -> None:
-    """Fold the LoRA update into the stored weight (forward then skips the factors); `unmerge_lora` undoes it."""
+    """Fold the LoRA update into the stored weight (forward then skips the factors); `unmerge_lora` undoes it.
+    A quantized base cannot take the update: merge into a bf16/fp32 load of the same checkpoint instead."""
+    if not isinstance(linear, Linear):
+        raise TypeError(f"cannot merge LoRA into a {type(linear).__name__}: load the base unquantized to merge")
     if not linear.lora_merged:
         linear.weight.copy_((linear.weight.float() + lora_weight(linear)).to(linear.weight.dtype))
         linear.lora_merged = True
@@ -266,6 +273,168 @@ def unmerge_lora(linear: Linear) -> None:
         linear.lora_merged = False
 
 
-def lora_linears(module: nn.Module) -> dict[str, Linear]:
-    """The `Linear`s of `module` that carry LoRA factors, by qualified name."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, Linear) and "lora_A" in m._modules}
+def lora_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """The linears of `module` that carry LoRA factors, by qualified name."""
+    return {n: m for n, m in module.named_modules() if "lora_A" in m._modules and "lora_B" in m._modules}
+
+
+def with_lora(linear: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y` (the base product) plus the LoRA update, if the module has one (and it is not merged)."""
+    if "lora_A" not in linear._modules or linear.lora_merged:
+        return y
+    return y + lora_delta(linear, x)
+
+
+# -- NF4: QLoRA's 4-bit NormalFloat base weights ------------------------------------------------------------
+# The 16 levels are the QLoRA paper's (appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
+# A weight is cut into blocks of 64, each scaled by its absmax; a value is stored as its nearest level (ties go
+# to the lower one), two to a byte, the first in the high nibble. The fp32 absmax of every block is stored in
+# 8 bits ("double quantization"): minus their mean, in blocks of 256, on the signed dynamic map of Dettmers
+# (2015). In all 4 + 8/64 + 32/(64·256) ≈ 4.13 bits a weight; the layout equals bitsandbytes' (tested).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+NF4_BLOCK = 64
+ABSMAX_BLOCK = 256
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map `[256]`, sorted: for exponents e = 0..6, the midpoints of 2^e + 1 points
+    evenly spaced on [0.1, 1], times 10^(e − 6), with both signs; then 0 and 1."""
+    values = []
+    for e in range(7):
+        points = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        mids = ((points[:-1] + points[1:]) / 2.0 * 10 ** (e - 6)).tolist()
+        values += mids + [-m for m in mids]
+    return torch.tensor(sorted(values + [0.0, 1.0]), dtype=torch.float32)
+
+
+_LEVELS: dict = {}
+
+
+def _levels(kind: str, device) -> torch.Tensor:
+    key = (kind, device)
+    if key not in _LEVELS:
+        _LEVELS[key] = (torch.tensor(NF4_LEVELS) if kind == "nf4" else dynamic_map()).to(device)
+    return _LEVELS[key]
+
+
+def quantize_blockwise(x: torch.Tensor, levels: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat `x` → (index of the nearest level of x / its block's absmax, uint8 `[n]`; absmax fp32 `[ceil(n/block)]`).
+    A last partial block has its own absmax."""
+    flat = x.reshape(-1).float()
+    whole = flat.numel() // block * block
+    full = rearrange(flat[:whole], "(b k) -> b k", k=block)
+    absmax = full.abs().amax(dim=1)  # [full blocks]
+    scaled = torch.clamp(full * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
+    if whole < flat.numel():  # the last, partial block (divided rather than multiplied, as bitsandbytes does)
+        rest = flat[whole:]
+        last = rest.abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last[None]])
+        scaled = torch.cat([scaled, torch.clamp(rest / last, -1, 1)])
+    bounds = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(scaled, bounds).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`, fp32 `[n]`."""
+    values = levels[codes.long()]
+    n = values.numel()
+    scale = absmax.repeat_interleave(block)[:n]
+    return values * scale
+
+
+def nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight → NF4 buffers: packed codes uint8 `[numel/2]`, absmax codes uint8 `[blocks]`, their block
+    scales fp32 `[ceil(blocks/256)]` and offset fp32 `[1]`."""
+    if w.numel() % 2:
+        raise ValueError(f"NF4 packs two values a byte: a weight of {w.numel()} values cannot be packed")
+    codes, absmax = quantize_blockwise(w, _levels("nf4", w.device), NF4_BLOCK)
+    offset = absmax.mean()
+    absmax_codes, absmax_scale = quantize_blockwise(absmax - offset, _levels("dynamic", w.device), ABSMAX_BLOCK)
+    return {"weight_nf4": (codes[0::2] << 4) | codes[1::2], "weight_absmax": absmax_codes,
+            "weight_absmax_scale": absmax_scale, "weight_absmax_offset": offset.reshape(1)}
+
+
+def nf4_dequantize(packed, absmax_codes, absmax_scale, offset, shape, dtype: torch.dtype) -> torch.Tensor:
+    """NF4 buffers → the weight `shape` in `dtype` (computed in fp32, as bitsandbytes does)."""
+    absmax = dequantize_blockwise(absmax_codes, absmax_scale, _levels("dynamic", packed.device), ABSMAX_BLOCK) + offset
+    codes = rearrange(torch.stack([packed >> 4, packed & 15], dim=1), "n two -> (n two)")
+    return dequantize_blockwise(codes, absmax, _levels("nf4", packed.device), NF4_BLOCK).reshape(shape).to(dtype)
+
+
+class NF4Product(torch.autograd.Function):
+    """`x @ W.T` for an NF4-stored W `[out, in]` (frozen): dequantized in x's dtype on the fly, forward and
+    backward; only the 4-bit codes and the absmax buffers are saved."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax_codes, absmax_scale, offset, shape):
+        ctx.save_for_backward(packed, absmax_codes, absmax_scale, offset)
+        ctx.shape = shape
+        return F.linear(x, nf4_dequantize(packed, absmax_codes, absmax_scale, offset, shape, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = nf4_dequantize(*ctx.saved_tensors, ctx.shape, grad.dtype)
+        return grad @ w, None, None, None, None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear whose weight is stored in NF4 (bias kept as it was); LoRA may be added on top."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, bias_dtype=torch.float32):
+        """Empty buffers of the right shapes (`from_linear` fills them)."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n = in_features * out_features
+        blocks = -(-n // NF4_BLOCK)
+        self.register_buffer("weight_nf4", torch.empty(n // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_absmax_scale", torch.empty(-(-blocks // ABSMAX_BLOCK), device=device))
+        self.register_buffer("weight_absmax_offset", torch.empty(1, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "NF4Linear":
+        """Quantize `linear`'s weight, or `weight` (read for it: `linear` may be on the meta device); the
+        high-precision weight is not kept. The bias is taken as it is."""
+        w = (linear.weight if weight is None else weight).detach()
+        bias = linear.bias
+        q = cls(linear.in_features, linear.out_features, bias is not None, "meta")
+        for name, t in nf4_quantize(w).items():
+            setattr(q, name, t)
+        q.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        return q
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return nf4_dequantize(self.weight_nf4, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset,
+                              (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = NF4Product.apply(x, self.weight_nf4, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset,
+                             (self.out_features, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return with_lora(self, x, y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+def swap_linears(module: nn.Module, make, where=lambda name: True) -> int:
+    """Replace each `Linear` under `module` whose qualified name `where` accepts by `make(linear)`; returns how many."""
+    todo = [(name, m) for name, m in module.named_modules() if isinstance(m, Linear) and where(name)]
+    for name, linear in todo:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, leaf, make(linear))
+    return len(todo)
+
+
+QUANTIZED_LINEARS = {"nf4": NF4Linear}  # the formats `pretrained.load(quantize=...)` offers
+
+
+def quantize_nf4_(module: nn.Module, where=lambda name: True) -> nn.Module:
+    """Swap `module`'s `Linear`s (those `where` accepts) for `NF4Linear`s, in place; returns `module`."""
+    swap_linears(module, NF4Linear.from_linear, where)
+    return module

@@ -72,7 +72,7 @@ class QVAModel(nn.Module):
                 raise ValueError(f"{'image' if tid == cfg.image_token_id else 'video'} pixels given without their grid_thw")
         if not present:
             return out
-        pixels = torch.cat([px for _, px, _ in present])
+        pixels = torch.cat([px for _, px, _ in present]).to(self.lm_head.weight.device)
         grids = torch.cat([grid.cpu() for _, _, grid in present])
         rows = self.visual(pixels, grids)  # [Σ tokens, D]
         start = 0
@@ -88,7 +88,7 @@ class QVAModel(nn.Module):
         cfg = self.config
         if self.audio_encoder is None:
             raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
-        states = self.audio_encoder(input_features)  # [W, 1500, d_audio]
+        states = self.audio_encoder(input_features.to(self.audio_encoder.conv1.weight.device))  # [W, 1500, d_audio]
         if cfg.audio_pool > 1:  # [W, ceil(1500 / pool), d_audio]
             states = F.avg_pool1d(states.transpose(1, 2), cfg.audio_pool, cfg.audio_pool, ceil_mode=True).transpose(1, 2)
         windows, per_window, d = states.shape
@@ -102,7 +102,7 @@ class QVAModel(nn.Module):
     def audio_features(self, input_features=None, audio_valid_frames=None, audio_rows=None) -> torch.Tensor:
         """LLM rows `[Σ tokens, D]` for the audio: the projector over the encoder rows (given, or computed)."""
         rows = self.audio_encoder_rows(input_features, audio_valid_frames) if audio_rows is None else audio_rows
-        return self.audio_projector(rows)
+        return self.audio_projector(rows.to(self.audio_projector.weight.device))
 
     def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                      video_grid_thw=None, input_features=None, audio_valid_frames=None, audio_rows=None) -> None:

@@ -26,12 +26,14 @@ from weights_loader import Checkpoint, CheckpointError, assert_materialized, loa
 from weights_loader.writer import save_checkpoint
 
 from .adapters import apply_adapter, base_of, is_adapter_folder
+from .linear import QUANTIZED_LINEARS, Linear
 from .model import QVAModel
 from .processor import Processor
 from .qwen2vl_config import Qwen2VLConfig
 from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
+QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "audio_encoder.layers."}  # stacks' linears
 WHISPER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
 
 
@@ -45,13 +47,17 @@ def load(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
+    quantize_modules: tuple[str, ...] = ("llm",),
     progress=None,
 ) -> QVAModel:
     """Load a Qwen2-VL checkpoint, grafting the encoder of the Whisper checkpoint `whisper` if given, or a
     folder written by `save`, or a training run's adapter folder (its base is loaded, then the adapter
     and projector applied). `adapter=` applies a PEFT-layout LoRA adapter folder on top. The model
     carries `model.processor` when the folder has a tokenizer. A fresh projector is drawn from
-    N(0, initializer_range) with `seed`. `progress(done, total)` is called as tensors load."""
+    N(0, initializer_range) with `seed`. `quantize="nf4"` stores the linear weights of the stacks named in
+    `quantize_modules` ("llm": the decoder layers; "vision", "whisper") quantized, each quantized as it is
+    read (biases, norms and embeddings keep `dtype`). `progress(done, total)` is called as tensors load."""
     path = Path(path)
     if adapter is None and is_adapter_folder(path):
         adapter, path = path, base_of(path)
@@ -68,15 +74,32 @@ def load(
             f"audio encoder's num_mel_bins {cfg.audio.num_mel_bins}"
         )
 
+    if quantize is not None and quantize not in QUANTIZED_LINEARS:
+        raise ValueError(f"quantize must be one of {sorted(QUANTIZED_LINEARS)}, got {quantize!r}")
+    unknown = set(quantize_modules) - set(QUANTIZABLE)
+    if unknown:
+        raise ValueError(f"quantize_modules takes {sorted(QUANTIZABLE)}, got {sorted(unknown)}")
     with torch.device("meta"):
         model = QVAModel(cfg)
+    prefixes = tuple(QUANTIZABLE[m] for m in quantize_modules) if quantize else ()
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith(prefixes)}
+    if fresh_graft:
+        targets = {n: m for n, m in targets.items() if not n.startswith(AUDIO_PREFIXES)}  # quantized after grafting
     with Checkpoint(path) as ckpt:
-        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress)
+        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress,
+                     deferred={f"{n}.weight" for n in targets})
+        for name, linear in targets.items():  # one high-precision weight at a time, quantized as read
+            weight = ckpt.read(f"{name}.weight", dtype=dtype, device=device)
+            _replace(model, name, QUANTIZED_LINEARS[quantize].from_linear(linear, weight))
+            del weight
     if fresh_graft:
         model.audio_encoder = load_whisper_encoder(whisper, dtype=dtype or model.lm_head.weight.dtype, device=device)
         g = torch.Generator().manual_seed(seed)
         w = torch.empty(model.audio_projector.weight.shape).normal_(0.0, cfg.initializer_range, generator=g)
         model.audio_projector.weight = nn.Parameter(w.to(dtype or model.lm_head.weight.dtype).to(device or "cpu"))
+        if quantize and "whisper" in quantize_modules:
+            for name, linear in [(n, m) for n, m in model.audio_encoder.named_modules() if isinstance(m, Linear) and n.startswith("layers.")]:
+                _replace(model.audio_encoder, name, QUANTIZED_LINEARS[quantize].from_linear(linear))
     assert_materialized(model, str(path))
     if adapter is not None:
         apply_adapter(model, adapter)
@@ -84,14 +107,21 @@ def load(
     return model.eval()
 
 
-def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True, progress=None) -> None:
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True, progress=None,
+                 deferred: set[str] = frozenset()) -> None:
     """Assign the tensors of `ckpt` to a meta-built `model`: visual, LLM, untied lm_head and, unless
-    `with_audio=False` (a fresh graft, whose audio parts come from elsewhere), the audio encoder and projector."""
+    `with_audio=False` (a fresh graft, whose audio parts come from elsewhere), the audio encoder and projector.
+    `deferred` names the caller reads itself (weights to be quantized as they are read)."""
     tied = model.config.tie_word_embeddings
-    skip = {"lm_head.weight"} if tied else set()
+    skip = ({"lm_head.weight"} if tied else set()) | set(deferred)
     if not with_audio:
         skip |= {n for n in model.state_dict() if n.startswith(AUDIO_PREFIXES)}
-    extra = lambda n: (tied and n == "lm_head.weight") or (ignore is not None and ignore(n))  # noqa: E731
+    extra = lambda n: (tied and n == "lm_head.weight") or n in deferred or (ignore is not None and ignore(n))  # noqa: E731
     if not tied and "lm_head.weight" not in ckpt:
         raise CheckpointError(f"{ckpt.path}: config says tie_word_embeddings=false but there is no lm_head.weight")
     load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device, progress=progress)

@@ -261,3 +261,92 @@ def test_lora_dropout_applies_to_the_factors_input_only():
     assert not torch.equal(a, b)
     lin.eval()
     assert torch.equal(lin(x), lin(x))
+
+
+# -- NF4 (QLoRA base weights) -------------------------------------------------------------------------------------
+def bnb_plain_torch(op: str, *args):
+    """bitsandbytes' plain-torch kernel for `op` (its "default" backend), not its native CPU library, whose
+    8-bit blockwise quantizer is only approximately nearest (it takes the farther code for ~0.15% of values
+    within ~1e-5 of a midpoint)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return getattr(torch.ops.bitsandbytes, op).default.redispatch(keys, *args)
+
+
+@pytest.mark.parametrize("shape", [(96, 320), (64, 64), (33, 62), (512, 1024)])  # blocks that divide the weight, and ones that do not
+def test_nf4_codes_and_absmax_equal_bitsandbytes(shape):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from qva.linear import dynamic_map, nf4_dequantize, nf4_quantize
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    ours = nf4_quantize(w)
+    packed, absmax = bnb_plain_torch("quantize_4bit", w, 64, "nf4", torch.uint8)  # bitsandbytes' quantize_4bit,
+    offset = absmax.mean()  # compress_statistics=True: its double quantization of the absmax
+    absmax_codes, absmax_scale = bnb_plain_torch("quantize_blockwise", absmax - offset, bnb.create_dynamic_map(), 256)
+    assert torch.equal(dynamic_map(), bnb.create_dynamic_map())
+    assert torch.equal(ours["weight_nf4"], packed.reshape(-1))
+    assert torch.equal(ours["weight_absmax"], absmax_codes)
+    assert torch.equal(ours["weight_absmax_scale"], absmax_scale) and torch.equal(ours["weight_absmax_offset"], offset.reshape(1))
+    state = bnb.QuantState(absmax=absmax_codes, shape=w.shape, code=bnb.get_4bit_type("nf4", device="cpu"), blocksize=64,
+                           quant_type="nf4", dtype=torch.float32, offset=offset,
+                           state2=bnb.QuantState(absmax=absmax_scale, code=bnb.create_dynamic_map(), blocksize=256, dtype=torch.float32))
+    assert torch.equal(nf4_dequantize(*ours.values(), shape, torch.float32), bnb.dequantize_4bit(packed, state))
+
+
+def test_nf4_requantizing_is_idempotent_and_close():
+    from qva.linear import nf4_dequantize, nf4_quantize
+
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2)) * 0.02
+    q = nf4_quantize(w)
+    deq = nf4_dequantize(*q.values(), w.shape, torch.float32)
+    again = nf4_quantize(deq)
+    assert torch.equal(q["weight_nf4"], again["weight_nf4"])  # every value sits on its level: the same 4-bit codes
+    deq2 = nf4_dequantize(*again.values(), w.shape, torch.float32)
+    # the absmax are re-quantized around a slightly different mean: within one 8-bit step of the absmax code
+    assert (deq2 - deq).abs().max() <= 2e-4 * deq.abs().max()
+    assert (again["weight_absmax"].int() - q["weight_absmax"].int()).abs().max() <= 2
+    rel = ((deq - w).norm() / w.norm()).item()
+    assert 0.03 < rel < 0.15  # 4 bits: ~10% relative error, not exact and not garbage
+
+
+def test_lora_over_nf4_base_equals_lora_over_the_dequantized_base():
+    from qva.linear import NF4Linear
+
+    torch.manual_seed(0)
+    dense = Linear(256, 96)
+    nf4 = NF4Linear.from_linear(dense)
+    ref = Linear(256, 96)
+    with torch.no_grad():
+        ref.weight.copy_(nf4.dequantized())
+        ref.bias.copy_(dense.bias)
+    ref.requires_grad_(False)
+    for m in (nf4, ref):
+        add_lora(m, 8, 16.0)
+    with torch.no_grad():
+        ref.lora_A.weight.copy_(nf4.lora_A.weight)
+        nf4.lora_B.weight.normal_()
+        ref.lora_B.weight.copy_(nf4.lora_B.weight)
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    gy = torch.randn(2, 5, 96)
+    nf4(x).backward(gy)
+    ref(xr).backward(gy)
+    for a, b in ((nf4.lora_A.weight.grad, ref.lora_A.weight.grad), (nf4.lora_B.weight.grad, ref.lora_B.weight.grad), (x.grad, xr.grad)):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    assert {n for n, p in nf4.named_parameters() if p.requires_grad} == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_nf4_saves_only_codes_for_backward_and_stores_about_4_bits():
+    from qva.linear import NF4Linear, quantize_nf4_
+
+    lin = NF4Linear.from_linear(Linear(512, 384))
+    x = torch.randn(3, 512, requires_grad=True)
+    saved = saved_during(lambda: lin(x).sum())
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= 512 * 384 // 4]  # no dequantized weight kept
+    bits = sum(b.numel() * b.element_size() * 8 for n, b in lin.named_buffers()) / (512 * 384)
+    assert 4.1 < bits < 4.2
+    model = nn.Sequential(Linear(256, 256), nn.ReLU(), Linear(256, 64))
+    x = torch.randn(4, 256)
+    want = model(x)
+    quantize_nf4_(model)
+    assert [type(m).__name__ for m in model] == ["NF4Linear", "ReLU", "NF4Linear"]
+    assert ((model(x) - want).norm() / want.norm()) < 0.2

@@ -336,3 +336,58 @@ def test_cli_errors_are_one_line(train_dirs, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("qva-train: error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(train_dirs, tmp_path):
+    from qva.train.data import collate, encode_all, fill_audio_rows, read_manifest
+
+    cfg = config(train_dirs, tmp_path, "2", model=str(train_dirs[1]), whisper=str(train_dirs[3]))
+    model = loop.build_model(cfg).train()
+    examples, _ = read_manifest(cfg.train, cfg.prompt)
+    samples, _ = encode_all(examples[:3], model.processor, 4096)
+    fill_audio_rows(model, samples, None)
+    params = loop.check_trainable(model, cfg)
+    with torch.no_grad():
+        for lin in lora_linears(model).values():
+            lin.lora_B.weight.normal_(std=0.2)
+    batch = collate(samples, model.processor.pad_token_id)
+    results = []
+    for on in (False, True):
+        model.model.checkpoint_layers = on
+        model.zero_grad(set_to_none=True)
+        loss = loop.accumulate(model, [batch])
+        results.append((loss, {n: p.grad.clone() for n, p in params.items()}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == l1 and all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7) for n in g0)
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qva.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--stage" in out.stdout and "qva-train eval" in out.stdout
+
+
+def test_qlora_stage2_trains_over_nf4_and_its_adapter_applies_to_the_unquantized_base(stage1, train_dirs, tmp_path):
+    from qva.linear import NF4Linear
+
+    cfg = config(train_dirs, tmp_path, "2", model=stage1.out, steps=3, qlora=True)
+    model = loop.build_model(cfg)
+    nf4 = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 7 * model.config.text.num_hidden_layers and all(n.startswith("model.layers.") for n in nf4)
+    assert all(isinstance(m, NF4Linear) for m in lora_linears(model).values())
+    train(cfg, quiet=True)
+    qlora_model = qva.load(stage1.out, adapter=cfg.out, quantize="nf4")  # as trained
+    bf16 = qva.load(cfg.out)  # the adapter over the unquantized base
+    assert train_cli(["merge", cfg.out, "--out", str(tmp_path / "merged")]) == 0
+    merged = qva.load(tmp_path / "merged")
+    ids = torch.tensor([[151644, 872, 198, 52, 53, 54, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        q, b, m = qlora_model(ids).logits, bf16(ids).logits, merged(ids).logits
+        base_q, base = qva.load(stage1.out, quantize="nf4")(ids).logits, qva.load(stage1.out)(ids).logits
+    assert max_rel_err(m, b) <= 1e-5  # merging changes nothing
+    rel = ((m - q).norm() / q.norm()).item()
+    base_rel = ((base - base_q).norm() / base_q.norm()).item()
+    print(f"merged vs QLoRA logits: relative L2 {rel:.4f}; the NF4 base alone vs unquantized: {base_rel:.4f}")
+    assert 0 < rel <= 1.5 * base_rel  # the difference is the base's NF4 rounding, not the adapter

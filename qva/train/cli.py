@@ -57,11 +57,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--lora-targets", default=",".join(d.lora_targets), help="LLM linear names to adapt")
+    p.add_argument("--qlora", action="store_true", help="stages 1/2: the LLM's linear weights in NF4 (QLoRA)")
     p.add_argument("--freeze", action="append", default=[], choices=FREEZABLE, help="stage lm: keep this part frozen")
     p.add_argument("--audio-pool", type=int, default=d.audio_pool, help="fresh graft: encoder frames per audio token")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="storage dtype of the frozen weights")
     p.add_argument("--whisper-dtype", choices=DTYPES, help="the frozen encoder's dtype (default: --dtype)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="several processes: shard the model with FSDP2 per decoder layer")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
     p.add_argument("--strict", action="store_true", help="a bad sample is an error instead of being skipped")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -97,10 +100,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stage=args.stage, model=args.model, train=args.train, out=args.out, whisper=args.whisper, eval=args.eval,
         prompt=args.prompt, audio_pool=args.audio_pool, dtype=args.dtype, whisper_dtype=args.whisper_dtype,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lr=args.lr, projector_lr=args.projector_lr,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t), qlora=args.qlora, lr=args.lr, projector_lr=args.projector_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-        seed=args.seed, freeze=tuple(args.freeze), activation_checkpointing=args.activation_checkpointing,
+        seed=args.seed, freeze=tuple(args.freeze), activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp, device=args.device,
         max_seq_len=args.max_seq_len, strict=args.strict, eval_every=args.eval_every, eval_limit=args.eval_limit,
         eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, keep_best=not args.no_keep_best,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every, resume=args.resume,

@@ -2,7 +2,9 @@
 
     stage 1   trains `audio_projector` only; vision, Whisper and the LLM are frozen (audio learns to look
               like text the LLM already reads)
-    stage 2   trains the projector and LoRA factors on the LLM's linears (`linear.add_lora`)
+    stage 2   trains the projector and LoRA factors on the LLM's linears (`linear.add_lora`); with `qlora`
+              those linears are stored in NF4 (`linear.NF4Linear`), and the adapter applies to the
+              unquantized base afterwards (what `qva.load(out)` does)
     stage lm  trains the LLM's weights (text or media; vision and Whisper frozen), `freeze` parts excepted
 
 `train(cfg)` reads top to bottom: model and the stage's trainable set (checked against the stage's rule
@@ -41,6 +43,7 @@ from ..audio import SAMPLE_RATE, load_audio
 from ..demo import cache_dir
 from ..linear import LORA_TARGETS, add_lora, lora_linears
 from ..pretrained import load, save
+from . import dist as D
 from .augment import AugmentConfig, augment_wave, spec_augment
 from .data import Example, Sample, collate, describe_skipped, encode, encode_all, fill_audio_rows, read_manifest
 from .evaluate import evaluate
@@ -72,6 +75,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    qlora: bool = False  # the LLM's linear weights stored in NF4 (QLoRA); LoRA and the projector train in fp32
     lr: float = 1e-3
     projector_lr: float | None = None  # stage 2: the projector's own learning rate (default: lr)
     weight_decay: float = 0.0  # AdamW decay on matrices (never on norms or biases)
@@ -85,6 +89,8 @@ class TrainConfig:
     seed: int = 0
     freeze: tuple[str, ...] = ()  # stage lm: parts kept frozen (embeddings, lm_head)
     activation_checkpointing: bool = False
+    fsdp: bool = False  # several processes: shard the model with FSDP2 (per decoder layer) instead of replicating it
+    device: str = "cpu"  # or "cuda" (each torchrun process takes its LOCAL_RANK's GPU)
     max_seq_len: int = 4096
     strict: bool = False
     eval_every: int = 0  # 0: only at the end
@@ -114,6 +120,8 @@ class TrainConfig:
             raise TrainError(f"freeze takes {list(FREEZABLE)}, got {sorted(unknown)}")
         if self.dtype not in DTYPES or (self.whisper_dtype or self.dtype) not in DTYPES:
             raise TrainError(f"dtype must be one of {list(DTYPES)}")
+        if self.qlora and self.stage == "lm":
+            raise TrainError("--qlora stores the LLM's weights in NF4, frozen: it goes with stage 1 or 2, not stage lm")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -126,10 +134,11 @@ class TrainConfig:
 
 
 # -- the model and what trains --------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, device=None):
     """The model for the stage, with its trainable parameters in fp32 and everything else frozen."""
     dtype = DTYPES[cfg.dtype]
-    model = load(cfg.model, whisper=cfg.whisper, audio_frames=cfg.audio_frames, audio_pool=cfg.audio_pool, seed=cfg.seed, dtype=dtype)
+    model = load(cfg.model, whisper=cfg.whisper, audio_frames=cfg.audio_frames, audio_pool=cfg.audio_pool, seed=cfg.seed, dtype=dtype,
+                 device=device, quantize="nf4" if cfg.qlora else None)
     if model.processor is None:
         raise TrainError(f"{cfg.model}: no tokenizer.json: training needs the model's tokenizer")
     if model.audio_encoder is not None:
@@ -139,7 +148,7 @@ def build_model(cfg: TrainConfig):
             raise TrainError(f"stage {cfg.stage} trains the audio projector: give --whisper to graft one onto {cfg.model}")
         model.audio_projector.float()
     if cfg.stage == "2":
-        for name, module in model.model.named_modules():
+        for name, module in list(model.model.named_modules()):
             if name.rsplit(".", 1)[-1] in cfg.lora_targets:
                 add_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.stage == "lm":
@@ -253,20 +262,25 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, state: dict) -> None:
+def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, state: dict, d: D.Dist = D.Dist()) -> None:
     """Atomically: trainable weights, optimizer state keyed by parameter name, RNG, step and data position,
-    then a manifest of the files' SHA-256 (a checkpoint without a matching manifest is not used)."""
+    then a manifest of the files' SHA-256 (a checkpoint without a matching manifest is not used).
+    Every rank calls it (sharded tensors are gathered); rank 0 writes."""
+    weights = {n: D.full(p.detach()).cpu().contiguous() for n, p in params.items()}
     names = {id(p): n for n, p in params.items()}
     opt_tensors = {"__rng__.torch": torch.get_rng_state()}
     for p, s in opt.state.items():
         for key, value in s.items():
-            opt_tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-    with atomic_folder(folder) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps(digests, indent=2))
+            value = D.full(value.detach()).cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            opt_tensors[f"{names[id(p)]}::{key}"] = value
+    if d.main:
+        with atomic_folder(folder) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps(digests, indent=2))
+    D.barrier(d)
 
 
 def _sha256(path: Path) -> str:
@@ -300,13 +314,14 @@ def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: to
         raise TrainError(f"{folder}: holds {sorted(set(weights) ^ set(params))[:5]} ≠ this run's trainable set")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            p.copy_(D.like(weights[n], p))
     if opt is not None:
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("__rng__.torch"))
         for key, value in tensors.items():
             name, slot = key.split("::")
-            opt.state[params[name]][slot] = value
+            p = params[name]
+            opt.state[p][slot] = D.like(value, p) if value.shape == p.shape else value
     return json.loads((folder / "state.json").read_text())
 
 
@@ -358,17 +373,20 @@ class Log:
 
 # -- the run -----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Run training as configured; returns a summary (steps, last loss, best dev scores, output folder)."""
+    """Run training as configured; returns a summary (steps, last loss, best dev scores, output folder).
+    Under `torchrun`, every process runs this; rank 0 logs and writes."""
     cfg.check()
+    d = D.setup(cfg.device)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    log = Log(run, quiet)
+    log = Log(run, quiet or not d.main)
     torch.manual_seed(cfg.seed)
 
     # the model, and exactly the stage's trainable set
-    model = build_model(cfg)
+    model = build_model(cfg, d.device)
     params = check_trainable(model, cfg)
-    log(f"stage {cfg.stage}: {cfg.model}" + (f" + {cfg.whisper}" if cfg.whisper else "") + "\n" + trainable_table(model))
+    log(f"stage {cfg.stage}: {cfg.model}" + (f" + {cfg.whisper}" if cfg.whisper else "") + (f", {d.world} processes" if d.world > 1 else "")
+        + "\n" + trainable_table(model))
     processor = model.processor
 
     # data: encoded once; Whisper rows computed once (and cached) unless augmentation changes the audio
@@ -386,13 +404,21 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             log("dev: " + describe_skipped(dev_bad))
     cache = None if cfg.cache == "none" else Path(cfg.cache) if cfg.cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
-        encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache)
-        if encoded:
-            log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
-    (run / "train_config.json").write_text(cfg.to_json())
+        if d.main:  # rank 0 fills the cache; the others then read it
+            encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache)
+            if encoded:
+                log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
+        D.barrier(d)
+        if not d.main:
+            fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache)
+    if d.main:
+        (run / "train_config.json").write_text(cfg.to_json())
+    model = D.wrap(model, d, cfg.fsdp)
+    params = dict(model.named_parameters()) if cfg.fsdp else params  # FSDP replaced them with sharded ones
+    params = {n: params[n] for n in check_trainable(model, cfg)}
 
-    # optimizer, schedule, length
-    per_step = cfg.batch_size * cfg.grad_accum
+    # optimizer, schedule, length: a step is batch_size × grad_accum samples on each of the processes
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(samples) / per_step))
     opt = make_optimizer(params, cfg)
 
@@ -409,62 +435,89 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     started, tokens_done = time.perf_counter(), 0
     loss_value = float("nan")
     for step in range(state["step"], total):
-        # the step's samples: the next batch_size × grad_accum of this epoch's seeded order
-        micro = [[next_sample(samples, state["samples_seen"] + m * cfg.batch_size + i, cfg.seed) for i in range(cfg.batch_size)]
-                 for m in range(cfg.grad_accum)]
+        # the step's global batch: the next per_step samples of the seeded order; this rank's micro-batch m is
+        # the slice [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch
+        micro = [[next_sample(samples, state["samples_seen"] + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed)
+                  for i in range(cfg.batch_size)] for m in range(cfg.grad_accum)]
         if cfg.augment.on:
-            micro = [augmented(model, batch, cfg, step, m) for m, batch in enumerate(micro)]
-        batches = [collate(b, processor.pad_token_id) for b in micro]
+            micro = [augmented(model, batch, cfg, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
+        batches = [to_device(collate(b, processor.pad_token_id), d.device) for b in micro]
         factor = lr_factor(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        loss_value = accumulate(model, batches)
+        loss_value = accumulate(model, batches, d, scale=d.world if cfg.fsdp else 1)
         if not math.isfinite(loss_value):
             raise TrainError(f"step {step + 1}: the loss is {loss_value}; stopped without saving "
                              f"(the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)")
+        if not cfg.fsdp:
+            D.sync_grads(list(params.values()), d)
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + per_step
-        tokens_done += sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens_done += sum(int(b["attention_mask"].sum()) for b in batches) * d.world
 
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             tok_s = tokens_done / (time.perf_counter() - started)
             log.progress(done, total, loss_value, opt.param_groups[0]["lr"], tok_s, started)
-            log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
+            if d.main:
+                log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
         if dev and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
-            scores = run_eval(model, processor, dev, cfg)
+            scores = run_eval(model, processor, dev, cfg, d)  # every rank (sharded forwards need them all)
             log(f"eval @ {done}: loss {scores['eval_loss']:.4f}, exact match {scores['exact_match']:.1f}%, "
                 f"WER {scores['wer']:.1f}% (n={scores['n']})")
-            log.record(done, **scores)
+            if d.main:
+                log.record(done, **scores)
             if best is None or (scores["exact_match"], -scores["eval_loss"]) > (best["exact_match"], -best["eval_loss"]):
                 best = state["best"] = {"step": done, **scores}
                 if cfg.keep_best:
-                    save_checkpoint(run / "checkpoints" / "best", params, opt, state)
+                    save_checkpoint(run / "checkpoints" / "best", params, opt, state, d)
         if cfg.save_every and done % cfg.save_every == 0 or done == total:
-            save_checkpoint(run / "checkpoints" / f"step-{done:08d}", params, opt, state)
-            prune(run, cfg.keep_last)
+            save_checkpoint(run / "checkpoints" / f"step-{done:08d}", params, opt, state, d)
+            if d.main:
+                prune(run, cfg.keep_last)
 
     # the output: the best checkpoint by dev score, or the last step
     if best is not None and cfg.keep_best and (run / "checkpoints" / "best").is_dir():
         load_checkpoint(run / "checkpoints" / "best", params, None)
         log(f"output: the best dev checkpoint (step {best['step']}, exact match {best['exact_match']:.1f}%)")
     log.close()
-    write_output(model, cfg, run)
+    if cfg.fsdp:  # gather the trained tensors, then write them into an unsharded copy of the model
+        trained = {n: D.full(p.detach()).cpu() for n, p in params.items()}
+        del model, opt, params
+        if d.main:
+            model = build_model(cfg)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in trained:
+                        p.copy_(trained[n])
+    if d.main:
+        write_output(model, cfg, run)
+    D.barrier(d)
     return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
 
 
-def accumulate(model, batches: list[dict]) -> float:
-    """Forward and backward over one step's micro-batches; each loss is divided by the labelled tokens of the
-    whole step, so the gradient is the mean over them however the step is split. Returns that mean loss."""
-    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the model's device; grid metadata stays on the host (read with .tolist())."""
+    if device.type == "cpu":
+        return batch
+    return {k: v if k.endswith("grid_thw") else v.to(device) for k, v in batch.items()}
+
+
+def accumulate(model, batches: list[dict], d: D.Dist = D.Dist(), scale: int = 1) -> float:
+    """Forward and backward over one step's micro-batches (of this process); each loss is divided by the
+    labelled tokens of the whole step on all processes, so the gradient is the mean over them however the
+    step is split (`scale`: undoes a gradient average over ranks, FSDP's). Returns that mean loss."""
+    n_labels = D.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), d)
     loss_sum = 0.0
     for batch in batches:
         out = model(**batch)
-        (out.loss_sum / n_labels).backward()
+        loss = out.loss_sum * (scale / n_labels)
+        if loss.requires_grad:  # a micro-batch that reaches no trainable weight (stage 1 without audio) adds nothing
+            loss.backward()
         loss_sum += float(out.loss_sum.detach())
-    return loss_sum / n_labels
+    return D.all_sum(loss_sum, d) / n_labels
 
 
 def next_sample(samples: list[Sample], index: int, seed: int) -> Sample:
@@ -502,13 +555,13 @@ def augmented(model, batch: list[Sample], cfg: TrainConfig, step: int, micro: in
 
 
 @torch.no_grad()
-def run_eval(model, processor, dev: list[Sample], cfg: TrainConfig) -> dict:
+def run_eval(model, processor, dev: list[Sample], cfg: TrainConfig, d: D.Dist = D.Dist()) -> dict:
     """Dev loss (over all dev samples, per labelled token) and greedy exact match / WER (first `eval_limit`)."""
     was_training = model.training
     model.eval()
     loss_sum, n = 0.0, 0
     for i in range(0, len(dev), cfg.eval_batch_size):
-        out = model(**collate(dev[i:i + cfg.eval_batch_size], processor.pad_token_id))
+        out = model(**to_device(collate(dev[i:i + cfg.eval_batch_size], processor.pad_token_id), d.device))
         loss_sum, n = loss_sum + float(out.loss_sum), n + out.n_labels
     scored = dev[: cfg.eval_limit] if cfg.eval_limit else dev
     result = evaluate(model, processor, scored, cfg.eval_batch_size, cfg.max_new_tokens)

@@ -6,12 +6,16 @@
 No real Qwen2 weights exist here, so the recipe builds a small Qwen2-VL (hidden 256, 4 layers, the real
 151 936-token Qwen2 tokenizer, tied embeddings drawn at std 0.1 and kept frozen) and runs:
 
-  lm      the LLM learns the text form of the task: "<|audio_start|>three zero seven one<|audio_end|>" + prompt → "3071"
+  lm      the LLM learns the text form of the task, "<|audio_start|>three zero seven one<|audio_end|>" + prompt
+          → "3071", and the same laid out like the audio it will read later ("stretched": each word repeated
+          2–6 times, 0–2 "silence" tokens between, 1–2 between a repeated digit's two words, which would
+          otherwise merge; `<|vision_pad|>`, unused in this task); every string in both forms: the train
+          strings plus 10 000 random 2–6-digit ones (none of them a dev or unseen-voice string)
   stage1  Whisper tiny.en (real weights) grafted on, audio_pool 4; only the projector trains
   stage2  projector + LoRA r16 on all seven LLM linears
 
 Each stage's model is left in DIR/lm, DIR/stage1, DIR/stage2 (`qva.load(DIR/stage2)` gives the trained model,
-adapter applied). Voices never heard: 9 of the 72 voices (every 8th, sorted) are held out of every stage;
+adapter applied). The text stage is scored on both forms (`lm_dev`: plain, `lm_dev_stretched`). Voices never heard: 9 of the 72 voices (every 8th, sorted) are held out of every stage;
 all their clips (train and dev) make the `unseen` set. Reported after each stage: exact match of the whole
 digit string on dev (200 clips) and on unseen voices, with the stage's time; and Whisper tiny.en's own
 decoder (greedy, number words mapped to digits) on the same sets, through transformers. `--slice` is the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import time
@@ -45,20 +50,31 @@ PROMPT = "Transcribe the digits."
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=700, lm_lr=3e-3, batch=64,
-            s1_steps=400, s1_lr=3e-3, s2_steps=500, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=100)
+            s1_steps=400, s1_lr=3e-3, s2_steps=500, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
+            lm_strings=10000)
 SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=150, lm_lr=5e-3, batch=32,
-             s1_steps=60, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0)
+             s1_steps=60, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
+             lm_strings=4000)
 
 
 def held_out_voices(voices: set[str]) -> set[str]:
     return set(sorted(voices)[3::8])
 
 
-def text_form(spoken: str) -> str:
-    return f"<|audio_start|>{spoken}<|audio_end|>"
+SILENCE = "<|vision_pad|>"
 
 
-def prepare(data: Path, out: Path, clips: int | None) -> dict[str, Path]:
+def text_form(spoken: str, rng: random.Random) -> str:
+    """The words as a stream of ~12 tokens a second, like pooled audio frames: repeats and silences."""
+    words = spoken.split()
+    parts = [SILENCE * rng.randint(0, 1)]
+    for word, following in zip(words, words[1:] + [None]):
+        gap = rng.randint(1, 2) if word == following else rng.randint(0, 2)  # a repeated digit needs a boundary
+        parts.append(f" {word}" * rng.randint(2, 6) + SILENCE * gap)
+    return "<|audio_start|>" + "".join(parts) + "<|audio_end|>"
+
+
+def prepare(data: Path, out: Path, clips: int | None, lm_strings: int) -> dict[str, Path]:
     """Manifests: the text task (lm), the speech task (train, dev), and the unseen-voice set."""
     train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
     dev = [json.loads(line) for line in (data / "dev.jsonl").read_text().splitlines() if line.strip()]
@@ -76,16 +92,28 @@ def prepare(data: Path, out: Path, clips: int | None) -> dict[str, Path]:
                 f.write(json.dumps({"audio": str(data / x["audio"]), "text": x["text"], "voice": x["voice"], "split": split_of(x)}) + "\n")
         return path
 
-    def text(rows, name):
+    def text(rows, name, forms):
         path = out / "data" / name
+        rng = random.Random(name)
         with open(path, "w") as f:
             for x in rows:
-                user = [{"type": "text", "text": text_form(x["spoken"])}, {"type": "text", "text": PROMPT}]
-                f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": x["text"]}]}) + "\n")
+                for stretched in forms:
+                    words = text_form(x["spoken"], rng) if stretched else f"<|audio_start|>{x['spoken']}<|audio_end|>"
+                    user = [{"type": "text", "text": words}, {"type": "text", "text": PROMPT}]
+                    f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": x["text"]}]}) + "\n")
         return path
 
+    # the text task is not limited to the recorded strings: fresh random ones (never a dev or unseen-voice string)
+    held_strings = {x["text"] for x in dev + unseen}
+    rng = random.Random(0)
+    synthetic = []
+    while len(synthetic) < lm_strings:
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
+        if digits not in held_strings:
+            synthetic.append({"text": digits, "spoken": " ".join(WORDS[int(d)] for d in digits)})
     return {
-        "lm_train": text(seen_train, "lm_train.jsonl"), "lm_dev": text(dev, "lm_dev.jsonl"),
+        "lm_train": text(seen_train + synthetic, "lm_train.jsonl", (False, True)),
+        "lm_dev": text(dev, "lm_dev.jsonl", (False,)), "lm_dev_stretched": text(dev, "lm_dev_stretched.jsonl", (True,)),
         "train": speech(seen_train, "train.jsonl", lambda x: "train"), "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
         "unseen": speech(unseen, "unseen.jsonl", lambda x: "train" if x in train else "dev"),
         "held_out_voices": sorted(held),
@@ -186,7 +214,7 @@ def main() -> None:
     prm = SLICE if args.slice else FULL
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    manifests = prepare(args.data, out, prm["clips"])
+    manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"])
     whisper_dtype = "bf16" if cpu_has_fast_half_matmul() else "fp32"  # frozen and cached: the fast one
     cache = str(out / "whisper-cache")
     todo = args.stages.split(",")
@@ -201,7 +229,7 @@ def main() -> None:
         cfg = TrainConfig(stage="lm", model=str(out / "base"), train=str(manifests["lm_train"]), eval=str(manifests["lm_dev"]),
                           out=str(out / "lm"), steps=prm["lm_steps"], lr=prm["lm_lr"], warmup_steps=prm["lm_steps"] // 10,
                           freeze=("embeddings",), eval_every=prm["eval_every"], **common)
-        stage(results, "lm", cfg, manifests, ("lm_dev",))
+        stage(results, "lm", cfg, manifests, ("lm_dev", "lm_dev_stretched"))
     if "stage1" in todo:
         cfg = TrainConfig(stage="1", model=str(out / "lm"), whisper=str(args.whisper), train=str(manifests["train"]),
                           eval=str(manifests["dev"]), out=str(out / "stage1"), audio_pool=4, whisper_dtype=whisper_dtype,

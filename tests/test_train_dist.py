@@ -1,0 +1,85 @@
+"""Training on several processes (`qva/train/dist.py`): 2 processes with torchrun on CPU (gloo) give the
+weights one process gives on the same global batch, with data parallelism and with FSDP2; resume under
+FSDP2 is exact; a rank whose batch has no audio still works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import max_rel_err
+from safetensors.torch import load_file
+
+
+def run(train_dirs, out, *extra, procs=1, stage="2", manifest=None):
+    _, qwen, _, whisper, default_manifest = train_dirs
+    args = ["--stage", stage, "--model", str(qwen), "--whisper", str(whisper), "--train", str(manifest or default_manifest),
+            "--out", str(out), "--lr", "1e-2", "--lora-rank", "4", "--lora-dropout", "0", "--cache", "none",
+            "--prompt", "Write the number.", "--log-every", "1", "--min-lr-ratio", "1", *extra]
+    launcher = [sys.executable, "-m", "qva.train"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", str(29500 + os.getpid() % 1000),
+        "-m", "qva.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out_ = subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=300)
+    assert out_.returncode == 0, out_.stderr[-3000:]
+    return out_
+
+
+def last_weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def single(train_dirs, tmp_path_factory):
+    """One process, batch 1 × accumulation 2: the same global batch as 2 processes × batch 1."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(train_dirs, out, "--steps", "4", "--batch-size", "1", "--grad-accum", "2")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(train_dirs, single, tmp_path, mode):
+    out = tmp_path / mode
+    result = run(train_dirs, out, "--steps", "4", "--batch-size", "1", *(["--fsdp"] if mode == "fsdp" else []), procs=2)
+    assert "2 processes" in result.stderr
+    a, b = last_weights(single), last_weights(out)
+    assert set(a) == set(b) and len(a) == 1 + 2 * 7 * 2
+    worst = max(max_rel_err(a[n], b[n]) for n in a)
+    assert worst <= 1e-6, worst
+    for x, y in zip(losses(single), losses(out), strict=True):
+        assert abs(x - y) <= 1e-6 * abs(x)
+    assert (out / "adapter_model.safetensors").is_file()  # rank 0 wrote the output (gathered, under FSDP)
+
+
+def test_resume_under_fsdp_is_exact(train_dirs, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(train_dirs, whole, "--steps", "4", "--batch-size", "1", "--fsdp", procs=2)
+    run(train_dirs, cut, "--steps", "2", "--batch-size", "1", "--fsdp", "--save-every", "2", procs=2)
+    run(train_dirs, cut, "--steps", "4", "--batch-size", "1", "--fsdp", "--resume", procs=2)
+    a, b = last_weights(whole), last_weights(cut)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert losses(cut) == losses(whole)
+
+
+def test_a_rank_without_audio_still_works(train_dirs, tmp_path):
+    """Stage 1 on samples half of which have no audio: a rank whose batch has none reaches no trainable weight
+    (it skips backward and adds zeros to the gradient sum); the result still equals one process's."""
+    clips = train_dirs[4].parent / "clips"
+    lines = []
+    for i in range(4):
+        lines.append(json.dumps({"audio": str(clips / f"{i}.wav"), "text": str(i)}))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": "just text"}, {"role": "assistant", "content": str(i)}]}))
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n".join(lines))
+    run(train_dirs, tmp_path / "one", "--steps", "3", "--batch-size", "1", "--grad-accum", "2", manifest=manifest, stage="1")
+    run(train_dirs, tmp_path / "two", "--steps", "3", "--batch-size", "1", procs=2, manifest=manifest, stage="1")
+    a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
+    assert max(max_rel_err(a[n], b[n]) for n in a) <= 1e-6

@@ -32,6 +32,11 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / max(1.0, ref.double().abs().max().item())).item()
 
 
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ over the whole tensor, in float64."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

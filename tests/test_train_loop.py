@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import Reference, max_rel_err
+from conftest import Reference, max_rel_err, rel_l2
 
 import qva
 import qva.train.loop as loop
@@ -45,7 +45,12 @@ def stage1(train_dirs, tmp_path_factory):
 # -- gradient parity ------------------------------------------------------------------------------------------
 def test_gradient_parity_with_transformers_and_peft(train_dirs):
     """One step's loss and the projector + LoRA gradients equal transformers' Qwen2-VL + WhisperEncoder +
-    nn.Linear + masked_scatter with PEFT LoRA on the same targets and the same factors (fp32, ≤ 1e-5)."""
+    nn.Linear + masked_scatter with PEFT LoRA on the same targets and the same factors (fp32): the loss and
+    the whole gradient (all 29 tensors as one vector) within 1e-5 relative. Single tensors are held to 3e-5
+    relative L2: fp32 summation order alone moves the deepest ones by 1–2e-5 on AVX-512 kernels (measured),
+    against ~1e-3 or more for any real mismatch (a wrong LoRA scale, a dropped projector row)."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     ref_qwen, qwen, ref_whisper, whisper, _ = train_dirs
@@ -55,8 +60,6 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
         with torch.no_grad():  # B ≠ 0 so that A's gradient is not trivially zero
             lin.lora_A.weight.copy_(0.3 * torch.randn(lin.lora_A.weight.shape, generator=g))
             lin.lora_B.weight.copy_(0.3 * torch.randn(lin.lora_B.weight.shape, generator=g))
-    import copy
-
     ref_llm = copy.deepcopy(ref_qwen)
     peft = get_peft_model(ref_llm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(loop.LORA_TARGETS)))
     ref_params = dict(peft.named_parameters())
@@ -87,7 +90,9 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
     assert len(grads) == 1 + 2 * 7 * 2
     for name, (ours, theirs) in grads.items():
         assert theirs.abs().max() > 0, name
-        assert max_rel_err(ours / theirs.abs().max(), theirs / theirs.abs().max()) <= 1e-5, name
+        assert rel_l2(ours, theirs) <= 3e-5, name
+    ours, theirs = (torch.cat([g[i].flatten() for g in grads.values()]) for i in (0, 1))
+    assert rel_l2(ours, theirs) <= 1e-5
 
 
 def lora_linears_after(model, rank, alpha):
@@ -172,19 +177,34 @@ def final_trainable(out) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
 
 
-def test_batch_4_equals_batch_1_with_accumulation_4(train_dirs, tmp_path):
-    """The same 4 samples as one batch or as 4 accumulated micro-batches: the same loss and gradients (≤ 1e-6)."""
-    from qva.train.data import collate, encode_all, fill_audio_rows, read_manifest
+def stage2_with_samples(train_dirs, tmp_path, n: int, dtype=torch.float32):
+    """A stage-2 model (LoRA B ≠ 0, so every factor gets a gradient) in `dtype`, its config, the first `n`
+    samples encoded with their audio rows, and the trainable parameters by name."""
+    from qva.train.data import encode_all, fill_audio_rows, read_manifest
 
     cfg = config(train_dirs, tmp_path, "2", model=str(train_dirs[1]), whisper=str(train_dirs[3]))
     model = loop.build_model(cfg).train()
     examples, _ = read_manifest(cfg.train, cfg.prompt)
-    samples, _ = encode_all(examples[:4], model.processor, 4096)
+    samples, _ = encode_all(examples[:n], model.processor, 4096)
     fill_audio_rows(model, samples, None)
     params = loop.check_trainable(model, cfg)
     with torch.no_grad():
         for lin in lora_linears(model).values():
             lin.lora_B.weight.normal_(std=0.2)
+    model.to(dtype)
+    for s in samples:
+        s.audio_rows = s.audio_rows.to(dtype)
+    return cfg, model, samples, params
+
+
+def test_batch_4_equals_batch_1_with_accumulation_4(train_dirs, tmp_path):
+    """The same 4 samples as one batch or as 4 accumulated micro-batches: the same loss and gradients (≤ 1e-6).
+    The gradients are compared in float64: in fp32 the padded batch's other matrix shapes alone move this tiny
+    model's deepest gradients by up to 7e-6 of their largest entry on AVX-512 kernels (measured), which would
+    hide a normalisation error of that size; whole fp32 runs are compared by their step losses below."""
+    from qva.train.data import collate
+
+    cfg, model, samples, params = stage2_with_samples(train_dirs, tmp_path, 4, torch.float64)
 
     def grads(split):
         model.zero_grad(set_to_none=True)
@@ -339,17 +359,9 @@ def test_cli_errors_are_one_line(train_dirs, tmp_path, capsys, args, message):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(train_dirs, tmp_path):
-    from qva.train.data import collate, encode_all, fill_audio_rows, read_manifest
+    from qva.train.data import collate
 
-    cfg = config(train_dirs, tmp_path, "2", model=str(train_dirs[1]), whisper=str(train_dirs[3]))
-    model = loop.build_model(cfg).train()
-    examples, _ = read_manifest(cfg.train, cfg.prompt)
-    samples, _ = encode_all(examples[:3], model.processor, 4096)
-    fill_audio_rows(model, samples, None)
-    params = loop.check_trainable(model, cfg)
-    with torch.no_grad():
-        for lin in lora_linears(model).values():
-            lin.lora_B.weight.normal_(std=0.2)
+    _, model, samples, params = stage2_with_samples(train_dirs, tmp_path, 3)
     batch = collate(samples, model.processor.pad_token_id)
     results = []
     for on in (False, True):
@@ -391,3 +403,17 @@ def test_qlora_stage2_trains_over_nf4_and_its_adapter_applies_to_the_unquantized
     base_rel = ((base - base_q).norm() / base_q.norm()).item()
     print(f"merged vs QLoRA logits: relative L2 {rel:.4f}; the NF4 base alone vs unquantized: {base_rel:.4f}")
     assert 0 < rel <= 1.5 * base_rel  # the difference is the base's NF4 rounding, not the adapter
+
+
+def test_augmented_training_runs_and_is_seeded(train_dirs, tmp_path):
+    from qva.train.augment import AugmentConfig
+
+    aug = AugmentConfig(speeds=(0.9, 1.1), noise_snr=(10.0, 20.0), noise_prob=1.0, time_masks=1, freq_masks=1)
+    a = config(train_dirs, tmp_path, "1", steps=2, augment=aug, out=str(tmp_path / "a"))
+    b = replace(a, out=str(tmp_path / "b"))
+    plain = replace(a, augment=AugmentConfig(), out=str(tmp_path / "plain"))
+    la, lb, lp = (train(c, quiet=True)["loss"] for c in (a, b, plain))
+    assert math.isfinite(la) and la == lb  # the same seed draws the same augmentations
+    assert la != lp  # and they change what the model hears
+    with pytest.raises(TrainError, match="not with --fsdp"):
+        train(replace(a, fsdp=True), quiet=True)

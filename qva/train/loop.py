@@ -120,6 +120,8 @@ class TrainConfig:
             raise TrainError(f"freeze takes {list(FREEZABLE)}, got {sorted(unknown)}")
         if self.dtype not in DTYPES or (self.whisper_dtype or self.dtype) not in DTYPES:
             raise TrainError(f"dtype must be one of {list(DTYPES)}")
+        if self.fsdp and self.augment.on:
+            raise TrainError("augmentation re-encodes audio with the encoder outside the sharded forward: not with --fsdp")
         if self.qlora and self.stage == "lm":
             raise TrainError("--qlora stores the LLM's weights in NF4, frozen: it goes with stage 1 or 2, not stage lm")
 

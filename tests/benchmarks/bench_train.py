@@ -155,23 +155,44 @@ def to_digits(text: str) -> str:
 
 
 def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, float]:
-    """Exact match of Whisper tiny.en's own greedy transcripts (number words → digits), via transformers."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    """Exact match of Whisper tiny.en's own greedy transcripts (number words → digits), via transformers.
+
+    The shared checkpoint has no preprocessor or generation config, so the features come from a
+    `WhisperFeatureExtractor` of the model's mel size and decoding is written out: <|startoftranscript|>
+    <|notimestamps|>, then argmax with the config's `suppress_tokens` (and `begin_suppress_tokens` first)."""
+    from tokenizers import Tokenizer
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from qva.audio import load_audio
 
     model = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=torch.float32).eval()
-    processor = WhisperProcessor.from_pretrained(whisper)
+    cfg = model.config
+    extractor = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
+    tok = Tokenizer.from_file(str(whisper / "tokenizer.json"))
+    start = [cfg.decoder_start_token_id, tok.token_to_id("<|notimestamps|>")]
     out = {}
     for name in ("dev", "unseen"):
         rows = [json.loads(line) for line in manifests[name].read_text().splitlines()]
         hits = 0
         for i in range(0, len(rows), 16):
             chunk = rows[i:i + 16]
-            feats = processor([load_audio(r["audio"]).numpy() for r in chunk], sampling_rate=16000, return_tensors="pt").input_features
+            feats = extractor([load_audio(r["audio"]).numpy() for r in chunk], sampling_rate=16000, return_tensors="pt").input_features
+            ids = torch.tensor([start] * len(chunk))
+            done = torch.zeros(len(chunk), dtype=torch.bool)
             with torch.inference_mode():
-                ids = model.generate(feats, max_new_tokens=32)
-            for r, text in zip(chunk, processor.batch_decode(ids, skip_special_tokens=True)):
+                enc = model.model.encoder(feats).last_hidden_state
+                for step in range(32):
+                    logits = model(encoder_outputs=(enc,), decoder_input_ids=ids).logits[:, -1]
+                    logits[:, cfg.suppress_tokens] = -float("inf")
+                    if step == 0:
+                        logits[:, cfg.begin_suppress_tokens] = -float("inf")
+                    nxt = torch.where(done, cfg.eos_token_id, logits.argmax(-1))
+                    ids = torch.cat([ids, nxt[:, None]], 1)
+                    done |= nxt == cfg.eos_token_id
+                    if done.all():
+                        break
+            for r, seq in zip(chunk, ids[:, len(start):].tolist()):
+                text = tok.decode([t for t in seq if t < cfg.eos_token_id])
                 hits += to_digits(text) == r["text"]
         out[name] = 100.0 * hits / len(rows)
     return out

@@ -6,7 +6,8 @@
 Both sides load the same checkpoint with the base weights stored in `--dtype`, put LoRA (r 16, alpha 32,
 dropout 0) on the LLM's q/k/v/o/gate/up/down, freeze everything else, and run AdamW steps on the same
 random batch (`--seq` tokens, the last quarter labelled, as an answer would be). `--qlora`: NF4 base weights
-(qva's `NF4Linear`; bitsandbytes' CPU path on the transformers side, if installed). Each measurement runs
+(qva's `NF4Linear`; bitsandbytes' CPU path on the transformers side, if installed). `--project-7b` prints only
+the 7B-shaped QLoRA stored bytes and projected peak (printed first in every run). Each measurement runs
 in a fresh process: step time (median of `--steps` after a warm-up step) and peak RSS over the loaded
 model (high-water mark reset after loading: activations, gradients, optimizer state, casts). Runs
 alternate qva / transformers `--repeats` times. Also printed: the 7B-shaped QLoRA stored bytes and the
@@ -21,7 +22,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 from bench_qwen2vl import cached_2b  # noqa: E402
 from common import cold_run  # noqa: E402
 
@@ -82,6 +86,55 @@ result.update(step_s=sorted(times)[len(times) // 2], peak_rss_over_loaded=peak_r
 """
 
 
+QWEN2VL_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  vocab_size=152064, tie_word_embeddings=False)  # Qwen2-VL-7B-Instruct's config.json, beside the 2B's
+
+
+def project_7b_qlora(seq: int = 2048, rank: int = 16, gpu_gib: float = 24.0) -> dict:
+    """The 7B-shaped graft's stored bytes under QLoRA (counted from the real modules, built on the meta
+    device: NF4 LLM linears, bf16 everything else) and the projected peak of one stage-2 step on a GPU with
+    activation checkpointing (batch 1 × `seq` tokens, bf16 activations)."""
+    from bench_audio import TURBO
+
+    from qva.linear import NF4Linear, add_lora, lora_linears, swap_linears
+    from qva.model import QVAModel
+    from qva.qwen2vl_config import Qwen2VLConfig
+    from qva.whisper_encoder import WhisperEncoderConfig
+
+    raw = json.loads((ROOT.parent / "shared" / "data" / "qwen2-vl-tokenizer" / "config_Qwen2-VL-2B-Instruct.json").read_text())
+    raw.update(QWEN2VL_7B)
+    raw["vision_config"]["hidden_size"] = QWEN2VL_7B["hidden_size"]
+    turbo = WhisperEncoderConfig.from_dict({**TURBO, "encoder_layers": 32})
+    with torch.device("meta"):
+        model = QVAModel(Qwen2VLConfig.from_dict(raw).with_audio(turbo, pool=2))
+        swap_linears(model.model, lambda lin: NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, "meta"),
+                     lambda name: name.startswith("layers."))  # what `quantize_nf4_` makes, without the data
+        for name, m in model.model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                add_lora(m, rank, 2.0 * rank)
+    lora = sum(p.numel() for lin in lora_linears(model).values() for p in (lin.lora_A.weight, lin.lora_B.weight))
+    nf4 = [m for m in model.model.modules() if isinstance(m, NF4Linear)]
+    nf4_params = sum(m.in_features * m.out_features for m in nf4)
+    nf4_bytes = sum(b.numel() * b.element_size() for m in nf4 for b in m.buffers())
+    other = {part: 2 * sum(t.numel() for n, t in getattr(model, part).named_parameters() if "lora_" not in n) +
+             sum(b.numel() * b.element_size() for m in getattr(model, part).modules() if isinstance(m, NF4Linear) for b in m.buffers())
+             for part in ("model", "lm_head", "visual", "audio_encoder")}
+    other["model"] -= nf4_bytes  # counted in the NF4 row; the rest of `model` is embeddings, norms, biases in bf16
+    projector = 4 * model.audio_projector.weight.numel()
+    trainable = lora + model.audio_projector.weight.numel()
+    d, layers, inter, vocab = raw["hidden_size"], raw["num_hidden_layers"], raw["intermediate_size"], raw["vocab_size"]
+    # activation checkpointing: each layer keeps its bf16 input; one layer's recompute is live in backward
+    # (q, k, v, attention out, residuals, norms ~ 8·d, the MLP's gate/up/act/product 4·inter, in bf16, plus
+    # the fp32 input of each LoRA A: 7 of ~d); logits at labelled positions (a quarter) in fp32, twice.
+    act = seq * (2 * d * layers + 2 * (8 * d + 4 * inter) + 4 * 7 * d) + 2 * 4 * (seq // 4) * vocab
+    state = 4 * trainable * 4  # fp32 weights, gradients, Adam's two moments
+    stored = nf4_bytes + sum(other.values()) + projector
+    peak = stored + state + act
+    return dict(llm_linear_params=nf4_params, llm_nf4_bytes=nf4_bytes, bits_per_param=8 * nf4_bytes / nf4_params, other_bf16_bytes=other,
+                trainable=trainable, stored_bytes=stored, optimizer_state_bytes=state, activation_bytes=act, seq=seq,
+                projected_peak_gib=peak / 2**30, fits=peak / 2**30 <= 0.9 * gpu_gib)
+
+
 def measure(side: str, ckpt: Path, args) -> dict:
     fmt = dict(dtype="bfloat16" if args.dtype == "bf16" else "float32", targets=TARGETS, steps=args.steps, batch=args.batch, seq=args.seq)
     if side == "qva":
@@ -107,7 +160,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("bench_results_train_step.json"))
+    p.add_argument("--project-7b", action="store_true", help="print only the 7B-shaped QLoRA projection")
     args = p.parse_args()
+    proj = project_7b_qlora()
+    g = 2**30
+    print(f"7B-shaped graft under QLoRA: LLM linears {proj['llm_linear_params'] / 1e9:.2f} B params in {proj['llm_nf4_bytes'] / g:.2f} GiB "
+          f"({proj['bits_per_param']:.3f} bits each); bf16 rest {', '.join(f'{k} {v / g:.2f}' for k, v in proj['other_bf16_bytes'].items())} GiB; "
+          f"stored {proj['stored_bytes'] / g:.2f} GiB. Stage 2, batch 1 × {proj['seq']}, activation checkpointing: optimizer state "
+          f"{proj['optimizer_state_bytes'] / g:.2f} GiB, activations {proj['activation_bytes'] / g:.2f} GiB → projected peak "
+          f"{proj['projected_peak_gib']:.1f} GiB ({'fits' if proj['fits'] else 'does not fit'} one 24 GB GPU)")
+    if args.project_7b:
+        return
     if args.size == "2b":
         ckpt = cached_2b(args.workdir, args.layers, 1)
     else:

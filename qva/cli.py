@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .linear import QUANTIZED_LINEARS
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -44,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
+    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper")
+    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero (32, 64, 128)")
     p.add_argument("--demo", action="store_true", help="run on a tiny random-weight model (no weights needed)")
     return p.parse_args(argv)
 
@@ -116,7 +121,8 @@ def run(args) -> None:
 
     t0 = time.perf_counter()
     print(f"loading {args.model}" + (f" + {args.whisper}" if args.whisper else "") + " ...", file=sys.stderr, flush=True)
-    model = load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar)
+    model = load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar,
+                 quantize=args.quantize, quantize_modules=tuple(args.quantize_modules.split(",")), group_size=args.group_size)
     if model.processor is None:
         raise UserError(f"{args.model}: no tokenizer.json in the model folder")
     print(f"\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

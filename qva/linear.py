@@ -396,7 +396,11 @@ class NF4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "NF4Linear":
+    def empty_like(cls, linear: nn.Linear, **_) -> "NF4Linear":
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, **_) -> "NF4Linear":
         """Quantize `linear`'s weight, or `weight` (read for it: `linear` may be on the meta device); the
         high-precision weight is not kept. The bias is taken as it is."""
         w = (linear.weight if weight is None else weight).detach()
@@ -431,10 +435,280 @@ def swap_linears(module: nn.Module, make, where=lambda name: True) -> int:
     return len(todo)
 
 
-QUANTIZED_LINEARS = {"nf4": NF4Linear}  # the formats `pretrained.load(quantize=...)` offers
 
 
 def quantize_nf4_(module: nn.Module, where=lambda name: True) -> nn.Module:
     """Swap `module`'s `Linear`s (those `where` accepts) for `NF4Linear`s, in place; returns `module`."""
     swap_linears(module, NF4Linear.from_linear, where)
     return module
+
+
+# -- int8 / int4: weight-only quantized inference ---------------------------------------------------------------
+# Decoding reads every weight once per token, so its speed is bytes per token: int8 halves bf16's, int4
+# quarters it. The weights are quantized at load from the bf16/fp32 checkpoint; activations stay in their dtype.
+#   int8: symmetric per output channel, w ≈ q · scale[o], q ∈ [−127, 127] (`weight_int8` `[out, in]` int8,
+#         `weight_scale` `[out]` in the weight's dtype); the kernel is aten's `_weight_int8pack_mm`.
+#   int4: asymmetric in groups of g (32/64/128) along `in`, w ≈ (q − 8) · scale + zero, q ∈ [0, 15]
+#         (`weight_scales_zeros` `[in/g, out, 2]` bf16), stored two a byte in the order of PyTorch's CPU
+#         int4 kernel (`_weight_int4pack_mm_for_cpu`), which therefore runs on the buffer as loaded: rows
+#         in blocks of 64, each block `k`-major, rows r and r + 32 of a block sharing a byte (r's in the low
+#         nibble). 4 + 32/g bits a weight: 4.5 at g = 64.
+# Each product runs one of two kernels, whichever `fastest` measured to be faster for that weight shape,
+# row count and dtype on this machine: the aten kernel, or dequantizing into a scratch buffer then
+# `F.linear` (the same formulation inductor fuses under `torch.compile`).
+INT4_ROW_BLOCK = 64
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`w` `[out, in]` → `weight_int8` int8 `[out, in]`, `weight_scale` `[out]` (w's dtype): symmetric per row."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"weight_int8": q, "weight_scale": scale.to(w.dtype if w.dtype.is_floating_point else torch.float32)}
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 `[out, in]` → bytes `[out, in/2]` in the CPU int4 kernel's order (see above)."""
+    q = rearrange(q.to(torch.uint8), "(nb h r) k -> nb h k r", h=2, r=INT4_ROW_BLOCK // 2)
+    return rearrange(q[:, 0] | (q[:, 1] << 4), "nb k r -> nb (k r)").reshape(q.shape[0] * INT4_ROW_BLOCK, -1)
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `int4_pack`: bytes `[out, in/2]` → values uint8 `[out, in]`."""
+    b = rearrange(packed, "(nb rows) kh -> nb (rows kh)", rows=INT4_ROW_BLOCK)
+    b = rearrange(b, "nb (k r) -> nb k r", r=INT4_ROW_BLOCK // 2)  # [NB, in, 32]
+    return rearrange(torch.stack([b & 15, b >> 4], dim=1), "nb h k r -> (nb h r) k")
+
+
+def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """`w` `[out, in]` → `weight_int4` uint8 `[out, in/2]`, `weight_scales_zeros` bf16 `[in/group, out, 2]`."""
+    out_f, in_f = w.shape
+    check_int4_shape(in_f, out_f, group)
+    g = rearrange(w.float(), "o (n g) -> o n g", g=group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [out, groups]
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    zero = lo + 8.0 * scale  # the value of q = 8
+    # quantize against the bf16-rounded scale and zero, the ones the kernels will multiply by
+    scale16, zero16 = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+    q = torch.round((g - zero16.float()[..., None]) / scale16.float()[..., None] + 8.0).clamp_(0, 15)
+    sz = rearrange(torch.stack([scale16, zero16], dim=-1), "o n two -> n o two").contiguous()
+    return {"weight_int4": int4_pack(rearrange(q, "o n g -> o (n g)")), "weight_scales_zeros": sz}
+
+
+def check_int4_shape(in_features: int, out_features: int, group: int) -> None:
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
+    if in_features % group or out_features % INT4_ROW_BLOCK:
+        raise ValueError(f"int4 needs in_features divisible by the group size {group} and out_features by "
+                         f"{INT4_ROW_BLOCK}; got a weight [{out_features}, {in_features}]")
+
+
+def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight_int4`, `weight_scales_zeros` → the weight `[out, in]` in `dtype` (into `out` if given)."""
+    q = rearrange(int4_unpack(packed), "o (n g) -> o n g", n=sz.shape[0]).to(dtype)  # [out, groups, g]
+    scale, zero = (rearrange(sz[..., i], "n o -> o n 1").to(dtype) for i in (0, 1))
+    w = rearrange((q - 8) * scale + zero, "o n g -> o (n g)")
+    return w if out is None else out.copy_(w)
+
+
+# -- kernels chosen by measurement --------------------------------------------------------------------------------
+KERNEL_OVERRIDE = "QVA_QUANT_KERNEL"  # "aten" or "dequant" forces one kernel for every quantized product
+_choices: dict[str, str] | None = None
+_choices_lock = threading.Lock()
+
+
+def kernel_cache_file():
+    """`~/.cache/qva/kernels/<cpu>-torch<version>-t<threads>.json` (or under `QVA_CACHE`): choices per machine."""
+    import hashlib
+    import platform
+    from pathlib import Path
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    tag = hashlib.sha1(f"{model}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("QVA_CACHE", Path.home() / ".cache" / "qva"))
+    return root / "kernels" / f"{tag}.json"
+
+
+def _load_choices() -> dict[str, str]:
+    global _choices
+    if _choices is None:
+        import json
+
+        try:
+            _choices = json.loads(kernel_cache_file().read_text())
+        except (OSError, ValueError):
+            _choices = {}
+    return _choices
+
+
+def _store_choices() -> None:
+    import json
+
+    path = kernel_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_choices, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home: choices are then measured once per process
+
+
+def fastest(key: str, candidates: dict, repeats: int = 3) -> str:
+    """The name of the fastest of `candidates` (name → a zero-argument call) for `key`: the override, a choice
+    cached for this machine, or measured now (best of `repeats` after a warm-up) and cached."""
+    forced = os.environ.get(KERNEL_OVERRIDE)
+    if forced in candidates:
+        return forced
+    with _choices_lock:
+        choices = _load_choices()
+        if choices.get(key) in candidates:
+            return choices[key]
+        import time
+
+        times = {}
+        for name, call in candidates.items():
+            call()
+            best = math.inf
+            for _ in range(repeats):
+                t = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - t)
+            times[name] = best
+        choices[key] = min(times, key=times.get)
+        _store_choices()
+        return choices[key]
+
+
+def rows_bucket(rows: int) -> str:
+    """Row counts that share a kernel choice: 1, 2–4, 5–16, 17–64, 65–256, more."""
+    for top in (1, 4, 16, 64, 256):
+        if rows <= top:
+            return str(top)
+    return "many"
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear whose weight is int8 with a scale per output channel (bias kept); LoRA may be added."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=torch.bfloat16):
+        """Empty buffers of the right shapes (`from_linear` fills them; `qva.load` fills them from a checkpoint)."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, **_) -> "Int8Linear":
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, **_) -> "Int8Linear":
+        w = (linear.weight if weight is None else weight).detach()
+        q = cls.empty_like(linear)
+        for name, t in int8_quantize(w).items():
+            setattr(q, name, t)
+        q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return q
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        scale = self.weight_scale.to(x.dtype)
+
+        def aten():
+            return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, scale)
+
+        def dequant():
+            return F.linear(x2, cast_weight(self.weight_int8, x.dtype) * scale[:, None])
+
+        y = quantized_product("int8", self, x2, {"aten": aten, "dequant": dequant})
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return with_lora(self, x, y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int4Linear(nn.Module):
+    """A frozen linear whose weight is int4 in groups of `group_size` with bf16 scales and zeros (bias kept)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=torch.bfloat16, group_size: int = 64):
+        super().__init__()
+        check_int4_shape(in_features, out_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight_int4", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        groups = in_features // group_size
+        self.register_buffer("weight_scales_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, group_size: int = 64, **_) -> "Int4Linear":
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype, group_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, group_size: int = 64, **_) -> "Int4Linear":
+        w = (linear.weight if weight is None else weight).detach()
+        q = cls.empty_like(linear, group_size)
+        for name, t in int4_quantize(w, group_size).items():
+            setattr(q, name, t)
+        q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return q
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return int4_dequantize(self.weight_int4, self.weight_scales_zeros, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        candidates = {}
+        if x.device.type == "cpu":
+            sz = self.weight_scales_zeros.to(x.dtype)
+
+            def aten():
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group_size, sz)
+
+            candidates["aten"] = aten
+
+        def dequant():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return F.linear(x2, self.dequantized(x.dtype))
+            buf = _scratch.__dict__.setdefault("buffers", {})
+            key = ((self.out_features, self.in_features), x.dtype, x.device)
+            if key not in buf:
+                buf[key] = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+            return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, buf[key]))
+
+        candidates["dequant"] = dequant
+        y = quantized_product("int4", self, x2, candidates)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return with_lora(self, x, y)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4, group_size={self.group_size}")
+
+
+def quantized_product(fmt: str, linear: nn.Module, x2: torch.Tensor, candidates: dict) -> torch.Tensor:
+    """Run the kernel `fastest` picks for this weight shape, row count and dtype. Under autograd (LoRA over a
+    quantized base trains) or while compiling, the dequantizing form, which both can see through."""
+    if torch.is_grad_enabled() and x2.requires_grad or torch.compiler.is_compiling() or len(candidates) == 1:
+        return candidates["dequant"]()
+    key = f"{fmt}:{linear.out_features}x{linear.in_features}:{rows_bucket(x2.shape[0])}:{str(x2.dtype)[6:]}:{x2.device.type}"
+    if fmt == "int4":
+        key += f":g{linear.group_size}"
+    return candidates[fastest(key, candidates)]()
+
+
+QUANTIZED_LINEARS = {"nf4": NF4Linear, "int8": Int8Linear, "int4": Int4Linear}  # the formats `pretrained.load(quantize=...)` offers

@@ -26,7 +26,7 @@ from weights_loader import Checkpoint, CheckpointError, assert_materialized, loa
 from weights_loader.writer import save_checkpoint
 
 from .adapters import apply_adapter, base_of, is_adapter_folder
-from .linear import QUANTIZED_LINEARS, Linear
+from .linear import INT4_GROUPS, INT4_ROW_BLOCK, QUANTIZED_LINEARS, Linear
 from .model import QVAModel
 from .processor import Processor
 from .qwen2vl_config import Qwen2VLConfig
@@ -49,15 +49,18 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | None = None,
     quantize_modules: tuple[str, ...] = ("llm",),
+    group_size: int = 64,
     progress=None,
 ) -> QVAModel:
     """Load a Qwen2-VL checkpoint, grafting the encoder of the Whisper checkpoint `whisper` if given, or a
     folder written by `save`, or a training run's adapter folder (its base is loaded, then the adapter
     and projector applied). `adapter=` applies a PEFT-layout LoRA adapter folder on top. The model
     carries `model.processor` when the folder has a tokenizer. A fresh projector is drawn from
-    N(0, initializer_range) with `seed`. `quantize="nf4"` stores the linear weights of the stacks named in
-    `quantize_modules` ("llm": the decoder layers; "vision", "whisper") quantized, each quantized as it is
-    read (biases, norms and embeddings keep `dtype`). `progress(done, total)` is called as tensors load."""
+    N(0, initializer_range) with `seed`. `quantize="int8" | "int4" | "nf4"` stores the linear weights of the
+    stacks named in `quantize_modules` ("llm": the decoder layers; "vision", "whisper") quantized, each as it
+    is read (int4 in groups of `group_size` along the input; biases, norms and embeddings keep `dtype`); a
+    folder that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
+    `progress(done, total)` is called as tensors load."""
     path = Path(path)
     if adapter is None and is_adapter_folder(path):
         adapter, path = path, base_of(path)
@@ -74,37 +77,90 @@ def load(
             f"audio encoder's num_mel_bins {cfg.audio.num_mel_bins}"
         )
 
-    if quantize is not None and quantize not in QUANTIZED_LINEARS:
-        raise ValueError(f"quantize must be one of {sorted(QUANTIZED_LINEARS)}, got {quantize!r}")
-    unknown = set(quantize_modules) - set(QUANTIZABLE)
-    if unknown:
-        raise ValueError(f"quantize_modules takes {sorted(QUANTIZABLE)}, got {sorted(unknown)}")
+    stored = stored_quantization(cfg, path)
+    if stored is not None and quantize is not None:
+        raise ValueError(f"{path} is already quantized ({stored['format']}): load it without quantize=")
+    if stored is not None:
+        quantize, quantize_modules, group_size = stored["format"], tuple(stored["modules"]), stored.get("group_size", group_size)
+    check_quantize(quantize, quantize_modules, group_size)
     with torch.device("meta"):
         model = QVAModel(cfg)
-    prefixes = tuple(QUANTIZABLE[m] for m in quantize_modules) if quantize else ()
-    targets = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith(prefixes)}
+    targets = quantization_targets(model, quantize, quantize_modules, group_size)
     if fresh_graft:
         targets = {n: m for n, m in targets.items() if not n.startswith(AUDIO_PREFIXES)}  # quantized after grafting
+    kind = QUANTIZED_LINEARS.get(quantize)
+    if stored is not None:  # empty quantized modules, filled from the checkpoint like any other
+        for name, linear in targets.items():
+            _replace(model, name, kind.empty_like(linear, group_size=group_size))
     with Checkpoint(path) as ckpt:
         load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress,
-                     deferred={f"{n}.weight" for n in targets})
-        for name, linear in targets.items():  # one high-precision weight at a time, quantized as read
-            weight = ckpt.read(f"{name}.weight", dtype=dtype, device=device)
-            _replace(model, name, QUANTIZED_LINEARS[quantize].from_linear(linear, weight))
-            del weight
+                     deferred=set() if stored is not None else {f"{n}.weight" for n in targets})
+        if stored is None:
+            for name, linear in targets.items():  # one high-precision weight at a time, quantized as read
+                weight = ckpt.read(f"{name}.weight", dtype=dtype, device=device)
+                _replace(model, name, kind.from_linear(linear, weight, group_size=group_size))
+                del weight
     if fresh_graft:
         model.audio_encoder = load_whisper_encoder(whisper, dtype=dtype or model.lm_head.weight.dtype, device=device)
         g = torch.Generator().manual_seed(seed)
         w = torch.empty(model.audio_projector.weight.shape).normal_(0.0, cfg.initializer_range, generator=g)
         model.audio_projector.weight = nn.Parameter(w.to(dtype or model.lm_head.weight.dtype).to(device or "cpu"))
         if quantize and "whisper" in quantize_modules:
-            for name, linear in [(n, m) for n, m in model.audio_encoder.named_modules() if isinstance(m, Linear) and n.startswith("layers.")]:
-                _replace(model.audio_encoder, name, QUANTIZED_LINEARS[quantize].from_linear(linear))
+            for name, linear in quantization_targets(model, quantize, ("whisper",), group_size).items():
+                _replace(model, name, kind.from_linear(linear, group_size=group_size))
     assert_materialized(model, str(path))
     if adapter is not None:
         apply_adapter(model, adapter)
     model.processor = processor
     return model.eval()
+
+
+def check_quantize(quantize: str | None, modules: tuple[str, ...], group_size: int) -> None:
+    if quantize is not None and quantize not in QUANTIZED_LINEARS:
+        raise ValueError(f"quantize must be one of {sorted(QUANTIZED_LINEARS)}, got {quantize!r}")
+    unknown = set(modules) - set(QUANTIZABLE)
+    if unknown:
+        raise ValueError(f"quantize_modules takes {sorted(QUANTIZABLE)}, got {sorted(unknown)}")
+    if quantize == "int4" and group_size not in INT4_GROUPS:
+        raise ValueError(f"group_size must be one of {INT4_GROUPS} for int4, got {group_size!r}")
+
+
+def quantization_targets(model: QVAModel, quantize: str | None, modules: tuple[str, ...], group_size: int) -> dict[str, Linear]:
+    """The `Linear`s of the named stacks that `quantize` applies to (int4 needs in % group and out % 64 == 0:
+    others stay as loaded, and a saved model reloads by the same rule)."""
+    if quantize is None:
+        return {}
+    prefixes = tuple(QUANTIZABLE[m] for m in modules)
+    found = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith(prefixes)}
+    if quantize == "int4":
+        found = {n: m for n, m in found.items() if m.in_features % group_size == 0 and m.out_features % INT4_ROW_BLOCK == 0}
+    return found
+
+
+def stored_quantization(cfg, path) -> dict | None:
+    """The `quantization_config` that `save` writes for a quantized model, checked; None for a plain checkpoint."""
+    q = cfg.raw.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "qva" or q.get("format") not in QUANTIZED_LINEARS or \
+            not isinstance(q.get("modules"), list) or set(q["modules"]) - set(QUANTIZABLE):
+        raise CheckpointError(f"{Path(path) / 'config.json'}: quantization_config must be qva's "
+                              f"{{'quant_method': 'qva', 'format': one of {sorted(QUANTIZED_LINEARS)}, 'modules': [...]}}, got {q!r}")
+    return q
+
+
+def model_quantization(model: QVAModel) -> dict | None:
+    """What `save` records of a quantized model: the format, its group size and the quantized stacks."""
+    by_kind = {kind: fmt for fmt, kind in QUANTIZED_LINEARS.items()}
+    found = {(by_kind[type(m)], getattr(m, "group_size", None), stack) for n, m in model.named_modules() if type(m) in by_kind
+             for stack, prefix in QUANTIZABLE.items() if n.startswith(prefix)}
+    if not found:
+        return None
+    if len({(f, g) for f, g, _ in found}) > 1:
+        raise ValueError(f"cannot save a model quantized in several formats: {sorted({(f, g) for f, g, _ in found})}")
+    fmt, group, _ = next(iter(found))
+    out = {"quant_method": "qva", "format": fmt, "modules": sorted({s for _, _, s in found})}
+    return out | ({"group_size": group} if group is not None else {})
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -162,4 +218,9 @@ def save(model: QVAModel, path: str | os.PathLike, processor: Processor | None =
     tied = model.config.tie_word_embeddings
     tensors = {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight") and ".lora_" not in n}
     files = processor.files() if processor is not None else {}
-    return save_checkpoint(path, tensors, model.config.to_dict(), files, max_shard_bytes)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    quantization = model_quantization(model)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    return save_checkpoint(path, tensors, config, files, max_shard_bytes)

@@ -460,12 +460,19 @@ INT4_ROW_BLOCK = 64
 INT4_GROUPS = (32, 64, 128, 256)
 
 
+QUANTIZE_ROWS = 512  # rows quantized at a time: the fp32 temporaries stay a few MB, not several copies of a weight
+
+
 def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """`w` `[out, in]` → `weight_int8` int8 `[out, in]`, `weight_scale` `[out]` (w's dtype): symmetric per row."""
-    wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
-    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return {"weight_int8": q, "weight_scale": scale.to(w.dtype if w.dtype.is_floating_point else torch.float32)}
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], QUANTIZE_ROWS):
+        wf = w[r:r + QUANTIZE_ROWS].float()
+        s = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [rows]
+        scale[r:r + QUANTIZE_ROWS] = s
+        q[r:r + QUANTIZE_ROWS] = torch.round(wf / s[:, None]).clamp_(-127, 127)
+    return {"weight_int8": q, "weight_scale": scale.to(w.dtype)}
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
@@ -485,15 +492,19 @@ def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     """`w` `[out, in]` → `weight_int4` uint8 `[out, in/2]`, `weight_scales_zeros` bf16 `[in/group, out, 2]`."""
     out_f, in_f = w.shape
     check_int4_shape(in_f, out_f, group)
-    g = rearrange(w.float(), "o (n g) -> o n g", g=group)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [out, groups]
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-    zero = lo + 8.0 * scale  # the value of q = 8
-    # quantize against the bf16-rounded scale and zero, the ones the kernels will multiply by
-    scale16, zero16 = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-    q = torch.round((g - zero16.float()[..., None]) / scale16.float()[..., None] + 8.0).clamp_(0, 15)
-    sz = rearrange(torch.stack([scale16, zero16], dim=-1), "o n two -> n o two").contiguous()
-    return {"weight_int4": int4_pack(rearrange(q, "o n g -> o (n g)")), "weight_scales_zeros": sz}
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=w.device)
+    sz = torch.empty(in_f // group, out_f, 2, dtype=torch.bfloat16, device=w.device)
+    for r in range(0, out_f, QUANTIZE_ROWS):  # QUANTIZE_ROWS is a multiple of the 64-row packing block
+        g = rearrange(w[r:r + QUANTIZE_ROWS].float(), "o (n g) -> o n g", g=group)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [rows, groups]
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+        zero = lo + 8.0 * scale  # the value of q = 8
+        # quantize against the bf16-rounded scale and zero, the ones the kernels will multiply by
+        scale16, zero16 = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        q = torch.round((g - zero16.float()[..., None]) / scale16.float()[..., None] + 8.0).clamp_(0, 15)
+        sz[:, r:r + QUANTIZE_ROWS] = rearrange(torch.stack([scale16, zero16], dim=-1), "o n two -> n o two")
+        packed[r:r + QUANTIZE_ROWS] = int4_pack(rearrange(q, "o n g -> o (n g)"))
+    return {"weight_int4": packed, "weight_scales_zeros": sz}
 
 
 def check_int4_shape(in_features: int, out_features: int, group: int) -> None:

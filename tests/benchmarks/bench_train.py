@@ -200,23 +200,43 @@ def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, flo
 
 def stage(results: dict, name: str, cfg: TrainConfig, manifests: dict, scored: tuple[str, ...]) -> None:
     from qva.pretrained import load
-    from qva.train.data import encode_all, fill_audio_rows, read_manifest
-    from qva.train.evaluate import evaluate
 
     t0 = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - t0
-    model = load(cfg.out)
     row = {"seconds": seconds, "steps": summary["steps"], "final_loss": summary["loss"]}
-    for split in scored:
-        examples, _ = read_manifest(manifests[split], cfg.prompt)
-        samples, _ = encode_all(examples, model.processor, 4096)
-        if model.audio_encoder is not None:
-            fill_audio_rows(model, samples, None if cfg.cache == "none" else Path(cfg.cache) if cfg.cache else None)
-        with torch.inference_mode():
-            row[split] = evaluate(model, model.processor, samples, 64, 12)["exact_match"]
+    row.update(score(load(cfg.out), manifests, scored, cfg.cache))
     results[name] = row
     print(f"== {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None) -> dict[str, float]:
+    """Exact match (%) of greedy answers on each split, with the prompt the recipe trains with."""
+    from qva.train.data import encode_all, fill_audio_rows, read_manifest
+    from qva.train.evaluate import evaluate
+
+    out = {}
+    for split in splits:
+        examples, _ = read_manifest(manifests[split], PROMPT)
+        samples, _ = encode_all(examples, model.processor, 4096)
+        if model.audio_encoder is not None:
+            fill_audio_rows(model, samples, None if cache in (None, "none") else Path(cache))
+        with torch.inference_mode():
+            out[split] = evaluate(model, model.processor, samples, 64, 12)["exact_match"]
+    return out
+
+
+def quantized(results: dict, out: Path, manifests: dict, cache: str) -> None:
+    """The stage-2 model with its LLM in bf16, int8 and int4 (adapter on top): dev and unseen-voice exact match."""
+    from qva.pretrained import load
+
+    rows = {}
+    for fmt in (None, "int8", "int4"):
+        t0 = time.perf_counter()
+        model = load(out / "stage2", dtype=torch.bfloat16, quantize=fmt)
+        rows[fmt or "bf16"] = {**score(model, manifests, ("dev", "unseen"), cache), "seconds": time.perf_counter() - t0}
+        print(f"== stage 2, LLM {fmt or 'bf16'}: {rows[fmt or 'bf16']}", flush=True)
+    results["quantized"] = rows
 
 
 def main() -> None:
@@ -227,7 +247,7 @@ def main() -> None:
     p.add_argument("--whisper", type=Path, default=WHISPER)
     p.add_argument("--slice", action="store_true", help="the short CI version")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", default="lm,stage1,stage2,baseline")
+    p.add_argument("--stages", default="lm,stage1,stage2,baseline", help="also: quantized (stage 2 with an int8/int4 LLM)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -262,6 +282,8 @@ def main() -> None:
                           lora_dropout=0.05, steps=prm["s2_steps"], lr=prm["s2_lr"], projector_lr=prm["s2_projector_lr"],
                           warmup_steps=prm["s2_steps"] // 10, eval_every=prm["eval_every"], **common)
         stage(results, "stage2", cfg, manifests, ("dev", "unseen"))
+    if "quantized" in todo:
+        quantized(results, out, manifests, cache)
     if "baseline" in todo:
         t0 = time.perf_counter()
         results["whisper_tiny_en"] = {**whisper_baseline(manifests, args.whisper), "seconds": time.perf_counter() - t0}

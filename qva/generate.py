@@ -6,7 +6,8 @@ audio are encoded once, at prefill. A decode step feeds one token per row at pos
 far + rope_delta) on all three M-RoPE axes — for a row without left padding that is
 `cache_len + rope_delta`. `compile=True` compiles the decode step with static shapes (the whole cache
 buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager. On CPU with bf16/fp16
-weights the compiled step's matrix–vector products are `linear.gemv`'s.
+weights the compiled step's matrix–vector products are `linear.gemv`'s where that was measured faster than
+PyTorch's own on this machine (`linear.measure_gemv`, once per weight shape and batch size, remembered).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .kv_cache import KVCache
+from .linear import measure_gemv
 
 DEFAULT_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
@@ -83,6 +85,8 @@ class Decoder:
 
     def __init__(self, model, cache: KVCache, compile: bool = False):
         self.model, self.cache = model, cache
+        if compile:
+            measure_gemv(model, cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.static = compile
 

@@ -187,16 +187,43 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
+def gemv_eligible(rows: int, weight: torch.Tensor) -> bool:
+    """Products `gemv` can take: CPU, half-precision weights, wide rows (a multiple of 16), ≤ MAX_ROWS rows."""
+    return (weight.device.type == "cpu" and weight.dtype in HALF and weight.shape[1] % LANES == 0
+            and weight.shape[1] >= MIN_IN_FEATURES and rows <= MAX_ROWS)
+
+
+_gemv_wins: dict[tuple, bool] = {}  # (out, in, dtype, rows) → the compiled gemv measured faster than F.linear
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where `gemv` beats `F.linear`: compiling for CPU, half-precision weights, wide rows, ≤ MAX_ROWS rows."""
-    return (
-        torch.compiler.is_compiling()
-        and weight.device.type == "cpu"
-        and weight.dtype in HALF
-        and weight.shape[1] % LANES == 0
-        and weight.shape[1] >= MIN_IN_FEATURES
-        and x.numel() <= MAX_ROWS * x.shape[-1]
-    )
+    """True while compiling where `gemv` can take the product and was not measured slower than `F.linear`
+    on this machine (`measure_gemv`; on CPUs with native bf16 matmul, PyTorch's GEMM can win at 2–4 rows)."""
+    rows = x.numel() // x.shape[-1]
+    return (torch.compiler.is_compiling() and gemv_eligible(rows, weight)
+            and _gemv_wins.get((*weight.shape, weight.dtype, rows), True))
+
+
+def measure_gemv(model: nn.Module, rows: int) -> None:
+    """Before a decode step with `rows` rows is compiled: for each weight shape of `model` that `gemv` could
+    take, time the compiled `gemv` against `F.linear` (once per machine: `fastest` keeps the choice), so that
+    `use_gemv` follows what is faster here. Compiling gemv for a shape costs seconds, once."""
+    shapes = {(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
+              if isinstance(m, Linear) and gemv_eligible(rows, m.weight)}
+    for (out_f, in_f), dtype in sorted(shapes, key=str):
+        if (out_f, in_f, dtype, rows) in _gemv_wins:
+            continue
+        w = torch.randn(out_f, in_f).to(dtype)
+        x = torch.randn(rows, in_f).to(dtype)
+        compiled = []
+
+        def run_gemv():
+            if not compiled:
+                compiled.append(torch.compile(gemv, fullgraph=True, dynamic=False))
+            return compiled[0](x, w)
+
+        key = f"gemv:{out_f}x{in_f}:{rows}:{str(dtype)[6:]}:cpu"
+        _gemv_wins[(out_f, in_f, dtype, rows)] = fastest(key, {"gemv": run_gemv, "linear": lambda: F.linear(x, w)}) == "gemv"
 
 
 # -- layers over stored weights -------------------------------------------------------------------------------
@@ -524,7 +551,7 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, 
 
 
 # -- kernels chosen by measurement --------------------------------------------------------------------------------
-KERNEL_OVERRIDE = "QVA_QUANT_KERNEL"  # "aten" or "dequant" forces one kernel for every quantized product
+KERNEL_OVERRIDE = "QVA_KERNEL"  # a candidate's name forces it wherever it is offered: aten, dequant, gemv, linear
 _choices: dict[str, str] | None = None
 _choices_lock = threading.Lock()
 

@@ -37,6 +37,20 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """qva's cache (kernel choices, Whisper rows, demo checkpoints) in a temp folder: tests leave ~/.cache alone."""
+    import os
+
+    old = os.environ.get("QVA_CACHE")
+    os.environ["QVA_CACHE"] = str(tmp_path_factory.mktemp("qva-cache"))
+    yield
+    if old is None:
+        os.environ.pop("QVA_CACHE", None)
+    else:
+        os.environ["QVA_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

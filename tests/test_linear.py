@@ -180,6 +180,7 @@ def test_use_gemv_only_when_compiling_for_cpu_half_weights_few_rows(monkeypatch)
 
 
 def test_linear_takes_the_gemv_path_when_compiled(fresh_dynamo, monkeypatch):
+    monkeypatch.setattr(L, "_gemv_wins", {})  # not measured: gemv, as before measurement existed
     lin = Linear(512, 8).to(torch.bfloat16)
     calls = []
     real = L.gemv
@@ -192,6 +193,28 @@ def test_linear_takes_the_gemv_path_when_compiled(fresh_dynamo, monkeypatch):
     calls.clear()
     lin(x)
     assert not calls  # eager keeps F.linear
+
+
+def test_gemv_follows_the_measurement(monkeypatch, tmp_path):
+    monkeypatch.setenv("QVA_CACHE", str(tmp_path))
+    monkeypatch.setattr(L, "_choices", None)
+    monkeypatch.setattr(L, "_gemv_wins", {})
+    offered = []
+
+    def fake_fastest(key, candidates):
+        offered.append((key, sorted(candidates)))
+        return "linear" if ":1024x512:" in key else "gemv"
+
+    monkeypatch.setattr(L, "fastest", fake_fastest)
+    model = nn.Sequential(Linear(512, 1024), Linear(1024, 512), Linear(256, 64)).to(torch.bfloat16)  # the last: too narrow
+    L.measure_gemv(model, 4)
+    assert offered == [("gemv:1024x512:4:bfloat16:cpu", ["gemv", "linear"]), ("gemv:512x1024:4:bfloat16:cpu", ["gemv", "linear"])]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not use_gemv(torch.zeros(4, 512, dtype=torch.bfloat16), model[0].weight)  # measured slower here
+    assert use_gemv(torch.zeros(4, 1024, dtype=torch.bfloat16), model[1].weight)
+    assert use_gemv(torch.zeros(1, 512, dtype=torch.bfloat16), model[0].weight)  # 1 row: not measured, gemv
+    L.measure_gemv(model, 4)
+    assert len(offered) == 2  # once per shape and row count
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 
 Sizes: `2b`, a random checkpoint with the 2B shapes (`--layers`/`--vision-layers` cut depth to keep CPU runs
 practical) and a turbo-shaped Whisper; `tiny`, the `qva-generate --demo` checkpoints (hidden 64, the real
-151936-token vocabulary). Rows: cold load (fresh process, weights kept in the storage dtype) with peak RSS;
+151936-token vocabulary). Rows: cold load (fresh process, weights kept in the storage dtype, each then read once so that lazily
+mapped pages count too) with peak RSS; every timed row runs `--repeats` interleaved times (median [min–max]);
 Whisper encoder on one 30 s window; vision tower on a 448² image; prefill of 512 tokens to next-token
 logits (both sides keep only the last position's logits, as generation does), against transformers at
 the storage dtype and against transformers with fp32 weights; greedy decode at batch 1 and 4 (128 new
@@ -68,7 +69,7 @@ def checkpoints(args) -> tuple[Path, Path]:
     return cached_2b(args.workdir, args.layers, args.vision_layers), cached_turbo(args.workdir, args.whisper_layers)
 
 
-def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device, repeats: int) -> tuple[float, float]:
     """One 30 s window through each encoder, weights loaded in `dtype`."""
     from transformers import WhisperForConditionalGeneration
 
@@ -77,7 +78,7 @@ def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device) -> tupl
     ours = load_whisper_encoder(whisper, dtype=dtype, device=device)
     ref = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
     feats = torch.randn(1, ours.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0)).to(device)
-    return timed_pair(lambda: ref(feats.to(dtype)), lambda: ours(feats), 1)
+    return timed_pair(lambda: ref(feats.to(dtype)), lambda: ours(feats), repeats)
 
 
 def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
@@ -140,7 +141,7 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
         finally:
             hook.remove()
 
-    return timed_pair(run_ref, run_qva, 1)
+    return timed_pair(run_ref, run_qva, args.repeats)
 
 
 def decode_rows(args, ref, ours, device, g) -> tuple[list, dict]:
@@ -159,8 +160,8 @@ def decode_rows(args, ref, ours, device, g) -> tuple[list, dict]:
 
             if compile:
                 our_gen(args.new_tokens)  # compile once, outside the timing
-            t1 = timed_pair(lambda: ref_gen(1), lambda: our_gen(1), 1)
-            tn = timed_pair(lambda: ref_gen(args.new_tokens), lambda: our_gen(args.new_tokens), 1)
+            t1 = timed_pair(lambda: ref_gen(1), lambda: our_gen(1), args.repeats)
+            tn = timed_pair(lambda: ref_gen(args.new_tokens), lambda: our_gen(args.new_tokens), args.repeats)
             steps = args.new_tokens - 1
             per_tok = ((tn[0] - t1[0]) / steps, (tn[1] - t1[1]) / steps)
             decode[f"{batch}-{name}"] = {"batch": batch, "qva": name, "transformers_tok_s": batch / per_tok[0], "qva_tok_s": batch / per_tok[1]}
@@ -178,6 +179,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="qva: also time the compiled decode step")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved measurements per row: median [min–max]")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("bench_results_generate.json"))
     args = p.parse_args()
@@ -187,10 +189,13 @@ def main() -> None:
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     ckpt, whisper = checkpoints(args)
     rows = []
+    # each weight is read once after loading, so that pages a loader left mapped but untouched count as well
+    touch = "\nfor t in m.state_dict().values(): t.sum()"
     cold = {
         "transformers": cold_run("from transformers import Qwen2VLForConditionalGeneration",
-                                 f"m = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')", ckpt),
-        "qva": cold_run("import qva", f"m = qva.load(PATH, dtype=torch.{dtype})", ckpt),
+                                 f"m = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')"
+                                 + touch, ckpt),
+        "qva": cold_run("import qva", f"m = qva.load(PATH, dtype=torch.{dtype})" + touch, ckpt),
     }
     rows.append((f"cold load ({args.dtype})", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
@@ -203,16 +208,18 @@ def main() -> None:
     ref = load_ref(dtype)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        rows.append(("Whisper encoder, one 30 s window", *whisper_row(whisper, dtype, device)))
+        rows.append(("Whisper encoder, one 30 s window", *whisper_row(whisper, dtype, device, args.repeats)))
         grid = torch.tensor([[1, 32, 32]])
         px = torch.randn(1024, ours.config.vision.patch_dim, generator=g).to(device)
-        rows.append(("vision tower, 448² image", *timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), 1)))
+        rows.append(("vision tower, 448² image", *timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), args.repeats)))
         ids = torch.randint(0, 150_000, (1, 512), generator=g).to(device)
-        prefill = ("prefill, 512 tokens → next-token logits", *timed_pair(lambda: ref(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), 1))
+        prefill = ("prefill, 512 tokens → next-token logits",
+                   *timed_pair(lambda: ref(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), args.repeats))
         rows.append(prefill)
         if dtype != torch.float32:
             ref32 = load_ref(torch.float32)
-            rows.append(("prefill, vs transformers with fp32 weights", *timed_pair(lambda: ref32(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), 1)))
+            rows.append(("prefill, vs transformers with fp32 weights",
+                         *timed_pair(lambda: ref32(input_ids=ids, logits_to_keep=1), lambda: ours(ids, logits_to_keep=1), args.repeats)))
             del ref32
         more, decode = decode_rows(args, ref, ours, device, g)
         rows += more

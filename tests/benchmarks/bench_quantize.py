@@ -26,26 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_qwen2vl import cached_2b  # noqa: E402
-from common import cold_run  # noqa: E402
+from common import cold_run, cpu_header  # noqa: E402
 
 import qva  # noqa: E402
 from qva.linear import QUANTIZED_LINEARS, Linear  # noqa: E402
 
 FORMATS = (None, "int8", "int4")
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
-
-
-def cpu_header() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return "cpu: unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return (f"cpu: {model}; {torch.get_num_threads()} threads; "
-            + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS) + f"; torch {torch.__version__}")
-
-
 def linear_bytes(model) -> int:
     """Bytes of the LLM decoder layers' linear weights as held (quantized buffers, or the bf16 weight)."""
     total = 0

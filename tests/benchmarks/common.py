@@ -16,8 +16,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def timed_pair(ref_fn, qva_fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, after a warm-up, the two calls interleaved so drift hits both alike."""
+class Timing(float):
+    """A median of seconds (usable as a float) that also carries the min and max of its runs."""
+
+    def __new__(cls, runs: list[float]):
+        t = super().__new__(cls, statistics.median(runs))
+        t.min, t.max, t.runs = min(runs), max(runs), len(runs)
+        return t
+
+    def spread(self) -> str:
+        return f"{float(self):.3f} [{self.min:.3f}–{self.max:.3f}]"
+
+
+def timed_pair(ref_fn, qva_fn, repeats: int) -> tuple[Timing, Timing]:
+    """Median (and min–max) seconds of each, after a warm-up, the two calls interleaved so drift hits both alike."""
     ref_fn(), qva_fn()
     times: tuple[list, list] = ([], [])
     for _ in range(repeats):
@@ -25,7 +37,22 @@ def timed_pair(ref_fn, qva_fn, repeats: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return Timing(times[0]), Timing(times[1])
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_header() -> str:
+    """The CPU model, threads, and the flags that decide bf16/int8 speed (native bf16: AVX512-BF16 or AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"cpu: {platform.processor() or platform.machine()}; torch {torch.__version__}"
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    return (f"cpu: {model}, {torch.get_num_threads()} threads; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+            + f"; torch {torch.__version__}")
 
 
 def cold_run(imports: str, body: str, path: Path) -> dict:
@@ -63,12 +90,17 @@ def cached_checkpoint(workdir: Path | None, name: str, write) -> Path:
 
 def print_table(rows: list[tuple[str, float, float]], unit: str = "s") -> None:
     """rows: (name, transformers seconds, qva seconds); speed-up = transformers / qva."""
-    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"| {'row':46s} | {'transformers':>12s} | {'qva':>10s} | {'speed-up':>8s} |")
-    print(f"|{'-' * 48}|{'-' * 14}|{'-' * 12}|{'-' * 10}|")
+    print(f"\n{cpu_header()}")
+    print(f"| {'row':46s} | {'transformers':>26s} | {'qva':>26s} | {'speed-up':>8s} |")
+    print(f"|{'-' * 48}|{'-' * 28}|{'-' * 28}|{'-' * 10}|")
     for name, t, q in rows:
-        print(f"| {name:46s} | {t:10.3f} {unit} | {q:8.3f} {unit} | {t / q:7.2f}× |")
+        cells = [x.spread() if isinstance(x, Timing) else f"{x:.3f}" for x in (t, q)]
+        print(f"| {name:46s} | {cells[0]:>24s} {unit} | {cells[1]:>24s} {unit} | {t / q:7.2f}× |")
 
 
 def rows_json(rows) -> list[dict]:
-    return [{"row": n, "transformers_s": t, "qva_s": q, "speedup": t / q} for n, t, q in rows]
+    def spread(x):
+        return {"min": x.min, "max": x.max, "runs": x.runs} if isinstance(x, Timing) else {}
+
+    return [{"row": n, "transformers_s": float(t), "qva_s": float(q), "speedup": t / q,
+             "transformers_spread": spread(t), "qva_spread": spread(q)} for n, t, q in rows]

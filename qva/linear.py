@@ -387,8 +387,23 @@ def nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
 def nf4_dequantize(packed, absmax_codes, absmax_scale, offset, shape, dtype: torch.dtype) -> torch.Tensor:
     """NF4 buffers → the weight `shape` in `dtype` (computed in fp32, as bitsandbytes does)."""
     absmax = dequantize_blockwise(absmax_codes, absmax_scale, _levels("dynamic", packed.device), ABSMAX_BLOCK) + offset
-    codes = rearrange(torch.stack([packed >> 4, packed & 15], dim=1), "n two -> (n two)")
-    return dequantize_blockwise(codes, absmax, _levels("nf4", packed.device), NF4_BLOCK).reshape(shape).to(dtype)
+    n = 2 * packed.numel()
+    if n % NF4_BLOCK:  # a last, partial block
+        codes = rearrange(torch.stack([packed >> 4, packed & 15], dim=1), "n two -> (n two)")
+        return dequantize_blockwise(codes, absmax, _levels("nf4", packed.device), NF4_BLOCK).reshape(shape).to(dtype)
+    # each byte looks up its two levels at once (a 256-row table), and each block of 64 takes its absmax
+    pairs = F.embedding(packed.int(), _nf4_pairs(packed.device))  # [n/2, 2]: the high nibble's level, the low's
+    w = rearrange(pairs, "(b h) two -> b (h two)", h=NF4_BLOCK // 2) * absmax[:, None]  # [blocks, 64], fp32
+    return w.reshape(shape).to(dtype)
+
+
+def _nf4_pairs(device) -> torch.Tensor:
+    """`[256, 2]` fp32: for every byte, the NF4 levels of its high and low nibble."""
+    key = ("nf4-pairs", device)
+    if key not in _LEVELS:
+        levels, byte = _levels("nf4", device), torch.arange(256, device=device)
+        _LEVELS[key] = torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)
+    return _LEVELS[key]
 
 
 class NF4Product(torch.autograd.Function):

@@ -510,11 +510,21 @@ def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r in range(0, w.shape[0], QUANTIZE_ROWS):
-        wf = w[r:r + QUANTIZE_ROWS].float()
-        s = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [rows]
+        wf = quantize_scratch(w[r:r + QUANTIZE_ROWS])  # fp32 copy of the rows
+        s = torch.maximum(wf.amax(dim=1), -wf.amin(dim=1)).clamp(min=1e-12) / 127.0  # [rows]: absmax / 127
         scale[r:r + QUANTIZE_ROWS] = s
-        q[r:r + QUANTIZE_ROWS] = torch.round(wf / s[:, None]).clamp_(-127, 127)
+        q[r:r + QUANTIZE_ROWS] = wf.div_(s[:, None]).round_().clamp_(-127, 127)
     return {"weight_int8": q, "weight_scale": scale.to(w.dtype)}
+
+
+def quantize_scratch(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` in fp32, in a buffer kept for the next call: quantizing a model allocates no fresh temporaries per
+    chunk (which fragment the heap so that a load's peak grows by hundreds of MB); `clear_scratch` frees it."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = ("quantize", rows.shape[1], rows.device)
+    if key not in buffers or buffers[key].shape[0] < rows.shape[0]:
+        buffers[key] = torch.empty(max(QUANTIZE_ROWS, rows.shape[0]), rows.shape[1], device=rows.device)
+    return buffers[key][: rows.shape[0]].copy_(rows)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
@@ -537,13 +547,13 @@ def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=w.device)
     sz = torch.empty(in_f // group, out_f, 2, dtype=torch.bfloat16, device=w.device)
     for r in range(0, out_f, QUANTIZE_ROWS):  # QUANTIZE_ROWS is a multiple of the 64-row packing block
-        g = rearrange(w[r:r + QUANTIZE_ROWS].float(), "o (n g) -> o n g", g=group)
+        g = rearrange(quantize_scratch(w[r:r + QUANTIZE_ROWS]), "o (n g) -> o n g", g=group)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [rows, groups]
         scale = ((hi - lo) / 15.0).clamp(min=1e-8)
         zero = lo + 8.0 * scale  # the value of q = 8
         # quantize against the bf16-rounded scale and zero, the ones the kernels will multiply by
         scale16, zero16 = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-        q = torch.round((g - zero16.float()[..., None]) / scale16.float()[..., None] + 8.0).clamp_(0, 15)
+        q = g.sub_(zero16.float()[..., None]).div_(scale16.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
         sz[:, r:r + QUANTIZE_ROWS] = rearrange(torch.stack([scale16, zero16], dim=-1), "o n two -> n o two")
         packed[r:r + QUANTIZE_ROWS] = int4_pack(rearrange(q, "o n g -> o (n g)"))
     return {"weight_int4": packed, "weight_scales_zeros": sz}

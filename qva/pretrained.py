@@ -16,6 +16,7 @@ the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from weights_loader import Checkpoint, CheckpointError, assert_materialized, loa
 from weights_loader.writer import save_checkpoint
 
 from .adapters import apply_adapter, base_of, is_adapter_folder
-from .linear import INT4_GROUPS, INT4_ROW_BLOCK, QUANTIZED_LINEARS, Linear
+from .linear import INT4_GROUPS, INT4_ROW_BLOCK, QUANTIZED_LINEARS, Linear, clear_scratch
 from .model import QVAModel
 from .processor import Processor
 from .qwen2vl_config import Qwen2VLConfig
@@ -96,10 +97,18 @@ def load(
         load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress,
                      deferred=set() if stored is not None else {f"{n}.weight" for n in targets})
         if stored is None:
+            infos = {name: ckpt.info(f"{name}.weight") for name in targets}
+            read_dtype = dtype or next(iter(infos.values())).dtype if infos else None
+            # one read buffer, the size of the largest weight, reused for each (fresh ones fragment the heap)
+            buffer = torch.empty(max((i.nbytes // i.dtype.itemsize for i in infos.values()), default=0), dtype=read_dtype)
             for name, linear in targets.items():  # one high-precision weight at a time, quantized as read
-                weight = ckpt.read(f"{name}.weight", dtype=dtype, device=device)
-                _replace(model, name, kind.from_linear(linear, weight, group_size=group_size))
-                del weight
+                info = infos[name]
+                weight = ckpt.read(f"{name}.weight", out=buffer[: math.prod(info.shape)].view(info.shape))
+                if info.dtype != buffer.dtype and dtype is None:  # a checkpoint of mixed dtypes: read as stored
+                    weight = ckpt.read(f"{name}.weight")
+                _replace(model, name, kind.from_linear(linear, weight if device is None else weight.to(device), group_size=group_size))
+            del buffer
+            clear_scratch()  # the quantizer's row buffers
     if fresh_graft:
         model.audio_encoder = load_whisper_encoder(whisper, dtype=dtype or model.lm_head.weight.dtype, device=device)
         g = torch.Generator().manual_seed(seed)

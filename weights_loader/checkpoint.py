@@ -228,12 +228,17 @@ class Checkpoint:
             self._maps[file] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         return self._maps[file][1]
 
-    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
-        """One tensor as an owned copy, cast to `dtype` and moved to `device` (defaults: stored, CPU)."""
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor as an owned copy, cast to `dtype` and moved to `device` (defaults: stored, CPU); with
+        `out` (a CPU tensor of the stored shape), written into it instead (its dtype is the target)."""
         info = self.info(name)
         m = self._map(info.file)
-        target = dtype or info.dtype
-        out = torch.empty(info.shape, dtype=target)
+        if out is None:
+            out = torch.empty(info.shape, dtype=dtype or info.dtype)
+        elif tuple(out.shape) != tuple(info.shape) or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"{name}: out must be a contiguous CPU tensor of shape {list(info.shape)}, got {list(out.shape)} "
+                             f"on {out.device}")
         if info.nbytes:
             size = info.dtype.itemsize
             numel = info.nbytes // size

@@ -422,6 +422,14 @@ class NF4Product(torch.autograd.Function):
         return grad @ w, None, None, None, None, None
 
 
+def filled(q: nn.Module, buffers: dict[str, torch.Tensor], linear: nn.Module) -> nn.Module:
+    """A quantized linear built empty (on meta) given its quantized `buffers` and `linear`'s bias, frozen."""
+    for name, t in buffers.items():
+        setattr(q, name, t)
+    q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return q
+
+
 class NF4Linear(nn.Module):
     """A frozen linear whose weight is stored in NF4 (bias kept as it was); LoRA may be added on top."""
 
@@ -446,12 +454,7 @@ class NF4Linear(nn.Module):
         """Quantize `linear`'s weight, or `weight` (read for it: `linear` may be on the meta device); the
         high-precision weight is not kept. The bias is taken as it is."""
         w = (linear.weight if weight is None else weight).detach()
-        bias = linear.bias
-        q = cls(linear.in_features, linear.out_features, bias is not None, "meta")
-        for name, t in nf4_quantize(w).items():
-            setattr(q, name, t)
-        q.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        return q
+        return filled(cls.empty_like(linear), nf4_quantize(w), linear)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return nf4_dequantize(self.weight_nf4, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset,
@@ -674,11 +677,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, **_) -> "Int8Linear":
         w = (linear.weight if weight is None else weight).detach()
-        q = cls.empty_like(linear)
-        for name, t in int8_quantize(w).items():
-            setattr(q, name, t)
-        q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return q
+        return filled(cls.empty_like(linear), int8_quantize(w), linear)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
@@ -722,11 +721,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, group_size: int = 64, **_) -> "Int4Linear":
         w = (linear.weight if weight is None else weight).detach()
-        q = cls.empty_like(linear, group_size)
-        for name, t in int4_quantize(w, group_size).items():
-            setattr(q, name, t)
-        q.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return q
+        return filled(cls.empty_like(linear, group_size), int4_quantize(w, group_size), linear)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return int4_dequantize(self.weight_int4, self.weight_scales_zeros, dtype)

@@ -50,6 +50,12 @@ def test_quantized_at_load_close_to_bf16_and_round_trips(demo_dirs, tmp_path, fm
         assert torch.equal(back(ids).logits, got)
     with pytest.raises(ValueError, match="already quantized"):
         qva.load(tmp_path / "q", quantize="int8")
+    # loaded in another dtype: the parameters follow it, the quantized buffers (codes, scales) stay as stored
+    other = qva.load(tmp_path / "q", dtype=torch.bfloat16)
+    stored, loaded = back.state_dict(), other.state_dict()
+    buffers = {n for n, _ in back.named_buffers()}
+    assert buffers and all(torch.equal(loaded[n], stored[n]) for n in buffers)
+    assert other.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_resident_bytes_of_the_llm_linears(demo_dirs):

@@ -48,7 +48,8 @@ def load_into(
     A module tensor `n` is read from the checkpoint name `prefix + rename(n)`. Checkpoint tensors under
     `prefix` that no module tensor asks for are "unexpected" unless `ignore(name)` says so (e.g. a Whisper
     decoder when loading its encoder); their data is never read. `skip` lists module tensors the caller
-    fills itself (tied weights). Floating tensors are cast to `dtype`; integer ones keep theirs.
+    fills itself (tied weights). Floating parameters are cast to `dtype`; buffers (a quantized weight's codes and
+    scales) and integer tensors keep the dtype they were stored in.
 
     Missing, unexpected and shape-mismatched tensors are reported together in one `CheckpointError`
     (with `strict=False`, only shape mismatches raise). `progress(done, total)` is called per tensor.
@@ -85,9 +86,10 @@ def load_into(
 
     loaded = []
     todo = [(n, src) for n, src in source.items() if src in checkpoint]
+    buffers = {n for n, _ in module.named_buffers()}
     for n, src in todo:
         stored = checkpoint.info(src).dtype
-        cast = dtype if (dtype is not None and stored.is_floating_point) else None
+        cast = dtype if (dtype is not None and stored.is_floating_point and n not in buffers) else None
         _set_tensor(module, n, checkpoint.read(src, dtype=cast, device=device))
         loaded.append(n)
         if progress is not None:

@@ -86,7 +86,7 @@ class Decoder:
     def __init__(self, model, cache: KVCache, compile: bool = False):
         self.model, self.cache = model, cache
         if compile:
-            measure_gemv(model, cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
+            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.static = compile
 

@@ -204,11 +204,12 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _gemv_wins.get((*weight.shape, weight.dtype, rows), True))
 
 
-def measure_gemv(model: nn.Module, rows: int) -> None:
-    """Before a decode step with `rows` rows is compiled: for each weight shape of `model` that `gemv` could
-    take, time the compiled `gemv` against `F.linear` (once per machine: `fastest` keeps the choice), so that
-    `use_gemv` follows what is faster here. Compiling gemv for a shape costs seconds, once."""
-    shapes = {(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
+def measure_gemv(modules: list[nn.Module], rows: int) -> None:
+    """Before a decode step with `rows` rows is compiled: for each weight shape in `modules` (the LLM and its
+    head) that `gemv` could take, time the compiled `gemv` against `F.linear` (once per machine: `fastest`
+    keeps the choice), so that `use_gemv` follows what is faster here. Compiling gemv for a shape costs
+    seconds, once."""
+    shapes = {(tuple(m.weight.shape), m.weight.dtype) for module in modules for m in module.modules()
               if isinstance(m, Linear) and gemv_eligible(rows, m.weight)}
     for (out_f, in_f), dtype in sorted(shapes, key=str):
         if (out_f, in_f, dtype, rows) in _gemv_wins:
@@ -223,7 +224,9 @@ def measure_gemv(model: nn.Module, rows: int) -> None:
             return compiled[0](x, w)
 
         key = f"gemv:{out_f}x{in_f}:{rows}:{str(dtype)[6:]}:cpu"
-        _gemv_wins[(out_f, in_f, dtype, rows)] = fastest(key, {"gemv": run_gemv, "linear": lambda: F.linear(x, w)}) == "gemv"
+        # every shape is one more compiled entry of `gemv`: allow them all (dynamo's default stops at 8)
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+            _gemv_wins[(out_f, in_f, dtype, rows)] = fastest(key, {"gemv": run_gemv, "linear": lambda: F.linear(x, w)}) == "gemv"
 
 
 # -- layers over stored weights -------------------------------------------------------------------------------

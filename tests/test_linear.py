@@ -207,13 +207,13 @@ def test_gemv_follows_the_measurement(monkeypatch, tmp_path):
 
     monkeypatch.setattr(L, "fastest", fake_fastest)
     model = nn.Sequential(Linear(512, 1024), Linear(1024, 512), Linear(256, 64)).to(torch.bfloat16)  # the last: too narrow
-    L.measure_gemv(model, 4)
+    L.measure_gemv([model], 4)
     assert offered == [("gemv:1024x512:4:bfloat16:cpu", ["gemv", "linear"]), ("gemv:512x1024:4:bfloat16:cpu", ["gemv", "linear"])]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not use_gemv(torch.zeros(4, 512, dtype=torch.bfloat16), model[0].weight)  # measured slower here
     assert use_gemv(torch.zeros(4, 1024, dtype=torch.bfloat16), model[1].weight)
     assert use_gemv(torch.zeros(1, 512, dtype=torch.bfloat16), model[0].weight)  # 1 row: not measured, gemv
-    L.measure_gemv(model, 4)
+    L.measure_gemv([model], 4)
     assert len(offered) == 2  # once per shape and row count
 
 

@@ -115,11 +115,17 @@ def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     nbytes = w.numel() * dtype.itemsize
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or nbytes > SCRATCH_MAX_BYTES:
         return w.to(dtype)
-    key = (tuple(w.shape), dtype, w.device)
+    return scratch(tuple(w.shape), dtype, w.device).copy_(w)
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device, use: str = "cast") -> torch.Tensor:
+    """The kept buffer of `shape` and `dtype` for one `use` (cast weights, dequantized weights, quantizer rows),
+    made on first request; `clear_scratch` frees them all."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (use, shape, dtype, device)
     if key not in buffers:
-        buffers[key] = torch.empty(w.shape, dtype=dtype, device=w.device)
-    return buffers[key].copy_(w)
+        buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffers[key]
 
 
 class StoredWeightProduct(torch.autograd.Function):
@@ -524,13 +530,9 @@ def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def quantize_scratch(rows: torch.Tensor) -> torch.Tensor:
-    """`rows` in fp32, in a buffer kept for the next call: quantizing a model allocates no fresh temporaries per
-    chunk (which fragment the heap so that a load's peak grows by hundreds of MB); `clear_scratch` frees it."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = ("quantize", rows.shape[1], rows.device)
-    if key not in buffers or buffers[key].shape[0] < rows.shape[0]:
-        buffers[key] = torch.empty(max(QUANTIZE_ROWS, rows.shape[0]), rows.shape[1], device=rows.device)
-    return buffers[key][: rows.shape[0]].copy_(rows)
+    """`rows` (at most QUANTIZE_ROWS) in fp32, in a kept buffer: quantizing a model allocates no fresh temporaries
+    per chunk (which fragment the heap so that a load's peak grows by hundreds of MB)."""
+    return scratch((QUANTIZE_ROWS, rows.shape[1]), torch.float32, rows.device, "quantize")[: rows.shape[0]].copy_(rows)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
@@ -691,20 +693,15 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
         scale = self.weight_scale.to(x.dtype)
 
-        def aten():
+        def aten(x2):
             return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, scale)
 
-        def dequant():
+        def dequant(x2):
             return F.linear(x2, cast_weight(self.weight_int8, x.dtype) * scale[:, None])
 
-        y = quantized_product("int8", self, x2, {"aten": aten, "dequant": dequant})
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return with_lora(self, x, y)
+        return quantized_forward("int8", self, x, {"aten": aten, "dequant": dequant})
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -735,46 +732,45 @@ class Int4Linear(nn.Module):
         return int4_dequantize(self.weight_int4, self.weight_scales_zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
         candidates = {}
         if x.device.type == "cpu":
             sz = self.weight_scales_zeros.to(x.dtype)
 
-            def aten():
+            def aten(x2):
                 return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group_size, sz)
 
             candidates["aten"] = aten
 
-        def dequant():
+        def dequant(x2):
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return F.linear(x2, self.dequantized(x.dtype))
-            buf = _scratch.__dict__.setdefault("buffers", {})
-            key = ((self.out_features, self.in_features), x.dtype, x.device)
-            if key not in buf:
-                buf[key] = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
-            return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, buf[key]))
+            out = scratch((self.out_features, self.in_features), x.dtype, x.device, "dequantize")
+            return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, out))
 
         candidates["dequant"] = dequant
-        y = quantized_product("int4", self, x2, candidates)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return with_lora(self, x, y)
+        return quantized_forward("int4", self, x, candidates)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int4, group_size={self.group_size}")
 
 
-def quantized_product(fmt: str, linear: nn.Module, x2: torch.Tensor, candidates: dict) -> torch.Tensor:
-    """Run the kernel `fastest` picks for this weight shape, row count and dtype. Under autograd (LoRA over a
-    quantized base trains) or while compiling, the dequantizing form, which both can see through."""
+def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: dict) -> torch.Tensor:
+    """`linear(x)` `[..., out]` for an int8/int4 linear: the product on the kernel (name → a call on x's rows
+    `[N, in]`) that `fastest` picks for this weight shape, row count and dtype, then bias and LoRA. Under autograd
+    (LoRA over a quantized base trains) or while compiling, the dequantizing form, which both can see through."""
+    x2 = x.reshape(-1, linear.in_features)  # [N, in]
     if torch.is_grad_enabled() and x2.requires_grad or torch.compiler.is_compiling() or len(candidates) == 1:
-        return candidates["dequant"]()
-    key = f"{fmt}:{linear.out_features}x{linear.in_features}:{rows_bucket(x2.shape[0])}:{str(x2.dtype)[6:]}:{x2.device.type}"
-    if fmt == "int4":
-        key += f":g{linear.group_size}"
-    return candidates[fastest(key, candidates)]()
+        name = "dequant"
+    else:
+        key = f"{fmt}:{linear.out_features}x{linear.in_features}:{rows_bucket(x2.shape[0])}:{str(x2.dtype)[6:]}:{x2.device.type}"
+        if fmt == "int4":
+            key += f":g{linear.group_size}"
+        name = fastest(key, {n: lambda call=call: call(x2) for n, call in candidates.items()})
+    y = candidates[name](x2).reshape(*x.shape[:-1], linear.out_features)
+    if linear.bias is not None:
+        y = y + linear.bias.to(x.dtype)
+    return with_lora(linear, x, y)
 
 
 QUANTIZED_LINEARS = {"nf4": NF4Linear, "int8": Int8Linear, "int4": Int4Linear}  # the formats `pretrained.load(quantize=...)` offers

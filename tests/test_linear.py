@@ -114,7 +114,7 @@ def test_scratch_buffer_reused_across_weights_and_calls():
         outs = [lin(x) for lin in layers]
         buffers = dict(L._scratch.buffers)
         again = [lin(x) for lin in layers]
-    assert set(buffers) == {((6, 8), torch.float32, torch.device("cpu"))}  # one buffer for every [6, 8] weight
+    assert set(buffers) == {("cast", (6, 8), torch.float32, torch.device("cpu"))}  # one buffer for every [6, 8] weight
     assert all(b is L._scratch.buffers[k] for k, b in buffers.items())  # the second pass wrote into the same memory
     for lin, a, b in zip(layers, outs, again):
         assert torch.equal(a, b) and torch.equal(a, reference(x, lin.weight, lin.bias))

@@ -79,13 +79,10 @@ def demo_inputs(args) -> None:
     import soundfile as sf
     from PIL import Image, ImageDraw
 
-    from .demo import cache_dir, write_tiny_qwen2vl, write_tiny_whisper
+    from .demo import demo_checkpoints
 
-    root = cache_dir() / "demo"
-    if not (root / "qwen2-vl" / "config.json").is_file():
-        write_tiny_qwen2vl(root / "qwen2-vl")
-    if not (root / "whisper" / "config.json").is_file():
-        write_tiny_whisper(root / "whisper")
+    args.model, args.whisper = demo_checkpoints()
+    root = args.model.parent
     img = Image.new("RGB", (224, 168), (40, 90, 160))
     draw = ImageDraw.Draw(img)
     draw.ellipse((60, 30, 160, 130), fill=(240, 200, 40))
@@ -94,7 +91,6 @@ def demo_inputs(args) -> None:
     t = np.arange(3 * 16000) / 16000
     speech = 0.3 * np.sin(2 * math.pi * 150 * t * (1 + 0.2 * np.sin(2 * math.pi * 3 * t))) * (0.6 + 0.4 * np.sin(2 * math.pi * 4 * t))
     sf.write(str(root / "speech.wav"), speech.astype(np.float32), 16000)
-    args.model, args.whisper = root / "qwen2-vl", root / "whisper"
     args.image, args.audio = [root / "picture.png"], [root / "speech.wav"]
     args.prompt = args.prompt or "Describe the picture, then answer the spoken question."
     args.max_new_tokens = min(args.max_new_tokens, 24)

@@ -17,6 +17,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QVA_CACHE", Path.home() / ".cache" / "qva"))
 
 
+def demo_checkpoints() -> tuple[Path, Path]:
+    """The demo's tiny Qwen2-VL and Whisper folders under the cache, written on first use."""
+    root = cache_dir() / "demo"
+    if not (root / "qwen2-vl" / "config.json").is_file():
+        write_tiny_qwen2vl(root / "qwen2-vl")
+    if not (root / "whisper" / "config.json").is_file():
+        write_tiny_whisper(root / "whisper")
+    return root / "qwen2-vl", root / "whisper"
+
+
 def randomize_(model: nn.Module, seed: int, std: float = 0.1, gain_std: float = 0.2) -> nn.Module:
     """Re-draw every weight from N(0, std), LayerNorm/RMSNorm gains from 1 + N(0, gain_std); returns it in eval mode.
 

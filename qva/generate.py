@@ -1,13 +1,11 @@
-"""Generation: prefill once, then decode one token per step against a preallocated KV cache.
+"""Generation: sampling, `generate` and streaming text, on the engine (`engine.py`) that the server uses too.
 
-Both go through `model(...)` (`QVAModel.forward`, the one route to logits); this module only needs that
-call, so it sits below the model (the model's `generate` method delegates here). Images, video and
-audio are encoded once, at prefill. A decode step feeds one token per row at position (real tokens so
-far + rope_delta) on all three M-RoPE axes — for a row without left padding that is
-`cache_len + rope_delta`. `compile=True` compiles the decode step with static shapes (the whole cache
-buffer, masked) the way gpt-fast does; it gives the same greedy tokens as eager. On CPU with bf16/fp16
-weights the compiled step's matrix–vector products are `linear.gemv`'s where that was measured faster than
-PyTorch's own on this machine (`linear.measure_gemv`, once per weight shape and batch size, remembered).
+A prompt batch is prefilled once (images, video and audio encoded then), then each step samples one
+token per row and feeds it back through the engine's decode step at that row's position (real tokens
+so far + rope_delta, on all three M-RoPE axes). Everything goes through `model(...)`
+(`QVAModel.forward`, the one route to logits); this module only needs that call, so it sits below the
+model (the model's `generate` method delegates here). `compile=True` compiles the decode step with
+static shapes, the way gpt-fast does; it gives the same greedy tokens as eager.
 """
 
 from __future__ import annotations
@@ -18,10 +16,11 @@ from typing import Iterator
 
 import torch
 
-from .kv_cache import KVCache
-from .linear import measure_gemv
+from .engine import Engine
 
 DEFAULT_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
 def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
     """The stop tokens: the given id(s), or Qwen2-VL's <|im_end|> and <|endoftext|>."""
     if eos_token_id is None:
@@ -80,28 +79,6 @@ def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, 
         raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy decoding)")
 
 
-class Decoder:
-    """One decode step over a static cache: token ids `[B]` → next-token logits `[B, V]`."""
-
-    def __init__(self, model, cache: KVCache, compile: bool = False):
-        self.model, self.cache = model, cache
-        if compile:
-            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
-        self.static = compile
-
-    def _step(self, ids, positions, slot, kv_mask):
-        out = self.model(ids[:, None], position_ids=positions, cache=self.cache, cache_slots=slot, kv_mask=kv_mask,
-                         logits_to_keep=1, check=False)
-        return out.logits[:, -1]  # [B, V]
-
-    def __call__(self, ids, positions, slot: int, key_valid):
-        kv_len = self.cache.max_len if self.static else slot + 1  # compiled: always the whole buffer
-        visible = key_valid[:, :kv_len] & (torch.arange(kv_len, device=ids.device) <= slot)
-        slot_t = torch.tensor([slot], device=ids.device)
-        return self.step(ids, positions, slot_t, visible[:, None, None, :])
-
-
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -139,16 +116,10 @@ def generate_tokens(
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    cfg = model.config.text
-    stored = model.lm_head.weight.dtype
-    cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, s + max_new_tokens, cfg.head_dim, stored, device)
-    key_valid = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
-    key_valid[:, :s] = mask.bool()
-    out = model(input_ids, mask, **media, cache=cache, cache_slots=torch.arange(s, device=device), logits_to_keep=1, check=False)
-    logits, deltas = out.logits[:, -1], out.rope_deltas  # [B, V]: one row per prompt
-
-    decoder = Decoder(model, cache, compile)
-    real = mask.sum(-1)  # [B] real tokens so far
+    if max_new_tokens == 0:
+        return
+    engine = Engine(model, b, s + max_new_tokens, compile)
+    logits = engine.prefill(0, {"input_ids": input_ids, "attention_mask": mask, **media})  # [B, V]: one row per prompt
     history = input_ids
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -159,8 +130,7 @@ def generate_tokens(
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         history = torch.cat([history, nxt[:, None]], dim=1)
-        pos = (real + step + deltas[:, 0]).view(1, b, 1).expand(3, b, 1)
-        logits = decoder(nxt, pos, s + step, key_valid)
+        logits = engine.decode(nxt)
 
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -171,22 +141,35 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
 
 
+class TextStream:
+    """Token ids → text pieces as they become printable: bytes of a character split across tokens are held
+    back until the character is complete (the decoded text ends in U+FFFD until then)."""
+
+    def __init__(self, processor):
+        self.processor, self.ids, self.text = processor, [], ""
+
+    def push(self, token: int) -> str:
+        """The new text that `token` completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
 def stream_text(model, processor, inputs: dict, stats: dict | None = None, **kwargs) -> Iterator[str]:
-    """Decoded text pieces of row 0 as they are produced; bytes of a character split across tokens are
-    held back until the character is complete. `stats` (if given) receives "tokens" and "first_token_at"."""
-    ids: list[int] = []
-    shown = ""
+    """Decoded text pieces of row 0 as they are produced (`TextStream`). `stats` (if given) receives
+    "tokens" and "first_token_at"."""
     eos = set(eos_ids(kwargs.get("eos_token_id")))
     stats = {} if stats is None else stats
+    text = TextStream(processor)
     for tok in generate_tokens(model, **inputs, **kwargs):
         t = int(tok[0])
         stats["tokens"] = stats.get("tokens", 0) + 1
         stats.setdefault("first_token_at", time.perf_counter())
         if t in eos:
             break
-        ids.append(t)
-        text = processor.decode(ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            continue
-        yield text[len(shown):]
-        shown = text
+        piece = text.push(t)
+        if piece:
+            yield piece

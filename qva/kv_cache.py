@@ -1,7 +1,9 @@
 """A preallocated key/value cache: one `[batch, kv_heads, max_len, head_dim]` buffer per layer, written in place.
 
-Slots are absolute sequence positions (prompt slots first, left padding included). Because the buffers
-never change shape, a decode step has static shapes and can be compiled (as in gpt-fast).
+Slots are sequence positions within a row (prompt slots first, left padding included). A prefill writes
+its S tokens at the same slots `[S]` in every row; a decode step writes one token per row at that row's
+own slot (`[B, 1]`), so rows can hold sequences of different lengths (continuous batching). Because the
+buffers never change shape, a decode step has static shapes and can be compiled (as in gpt-fast).
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.max_len = max_len
 
+    def rows(self, rows: slice) -> "KVCache":
+        """A view of some rows (no copy): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = [k[rows] for k in self.k], [v[rows] for v in self.v], self.max_len
+        return view
+
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v `[B, H, q, e]` at `slots` `[q]`; return the first `kv_len` slots of the buffers, in k's
-        dtype (an fp32 prefill over a bf16 cache reads them back as fp32)."""
-        self.k[layer][:, :, slots] = k.to(self.k[layer].dtype)
-        self.v[layer][:, :, slots] = v.to(self.v[layer].dtype)
-        return self.k[layer][:, :, :kv_len].to(k.dtype), self.v[layer][:, :, :kv_len].to(v.dtype)
+        """Write k, v `[B, H, q, e]` at `slots`: `[q]` (the same slots in every row) or `[B, 1]` (one slot per
+        row, q = 1); return the first `kv_len` slots of the buffers, in k's dtype (an fp32 prefill over a
+        bf16 cache reads them back as fp32)."""
+        ck, cv = self.k[layer], self.v[layer]
+        if slots.dim() == 2:  # decode: row b's token goes to slot slots[b]
+            batch = torch.arange(k.shape[0], device=k.device)
+            ck[batch, :, slots[:, 0]] = k[:, :, 0].to(ck.dtype)  # [B, H, e]
+            cv[batch, :, slots[:, 0]] = v[:, :, 0].to(cv.dtype)
+        else:
+            ck[:, :, slots] = k.to(ck.dtype)
+            cv[:, :, slots] = v.to(cv.dtype)
+        return ck[:, :, :kv_len].to(k.dtype), cv[:, :, :kv_len].to(v.dtype)

@@ -276,3 +276,65 @@ def train_dirs(tmp_path_factory):
             sf.write(str(root / "clips" / f"{i}.wav"), speechlike(0.3 + 0.1 * i, seed=i).numpy(), 16000)
             f.write(json.dumps({"audio": f"clips/{i}.wav", "text": text, "voice": f"v{i % 3}"}) + "\n")
     return qwen, root / "qwen", whisper.model.encoder, root / "whisper", root / "train.jsonl"
+
+
+# -- a real qva-serve process ---------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body=None, headers: dict | None = None, method: str | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    """(status, body bytes) of one HTTP request; `body` is bytes, or JSON-encoded when not bytes."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class ServeProcess:
+    """`qva-serve ARGS` on a free port, started and waited for (/health 200); `stop()` ends it."""
+
+    def __init__(self, *args: str, ready: bool = True):
+        import os
+        import subprocess
+        import sys
+        import time
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.devnull, "w") if not os.environ.get("QVA_SERVE_LOG") else None
+        self.proc = subprocess.Popen([sys.executable, "-m", "qva.serve.cli", "--port", str(self.port), *args], stdout=self.log,
+                                     stderr=subprocess.STDOUT if self.log else None)
+        deadline = time.monotonic() + 120
+        while ready:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qva-serve exited with status {self.proc.returncode}")
+            try:
+                if http(self.base + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("qva-serve did not become healthy in 120 s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+        if self.log:
+            self.log.close()

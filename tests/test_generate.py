@@ -24,6 +24,7 @@ import qva
 import qva.generate as gen
 from qva.audio import log_mel
 from qva.demo import randomize_
+from qva.engine import Decoder
 from qva.kv_cache import KVCache
 from qva.model import QVAModel
 from qva.qwen2vl_config import Qwen2VLConfig
@@ -140,8 +141,8 @@ def test_compiled_bf16_decode_close_to_eager(tmp_path):
             embeds, positions, _ = model.embed_inputs(ids)
             cache = KVCache(2, 2, 2, 16, 128, dtype)
             model.model(embeds, positions, cache=cache, slots=torch.arange(9), kv_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool).tril())
-            step = gen.Decoder(model, cache, compile=compile)
-            return step(ids[:, -1], torch.full((3, 2, 1), 9), 9, torch.ones(2, 16, dtype=torch.bool)).float()
+            step = Decoder(model, cache, compile=compile)
+            return step(ids[:, -1], torch.full((3, 2, 1), 9), torch.full((2,), 9), torch.ones(2, 16, dtype=torch.bool)).float()
 
     truth, eager, compiled = first_step(model32, False), first_step(model16, False), first_step(model16, True)
     torch._dynamo.reset()

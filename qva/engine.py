@@ -1,0 +1,126 @@
+"""The generation engine: a fixed set of KV-cache rows, each holding one sequence at its own position.
+
+`generate` and the server (`qva/serve/`) both run on this class; it knows nothing about sampling or
+text. It owns:
+
+- one `KVCache` of `rows` × `max_len` slots per layer, allocated once;
+- per row: the next cache slot, the next M-RoPE position (real tokens so far + rope delta), and which
+  cache slots hold real keys (`key_valid` `[rows, max_len]`; left padding of a batched prefill is not).
+
+`prefill(first_row, inputs)` runs a prompt batch (vision and audio encoders + prompt, `model(...)`,
+the one route to logits) straight into rows `first_row …` of the cache and returns their next-token
+logits. `decode(ids)` feeds one token to each of the first `n = len(ids)` rows, each written at its own
+cache slot and position, and returns `[n, V]` logits; a row that is free gets a dummy token (its
+output is ignored, and the row is overwritten by its next prefill). Sequences finish and new ones join
+between steps without touching the other rows: continuous batching.
+
+`compile=True` compiles the decode step with static shapes (the whole cache buffer, masked), once per
+batch bucket (1, 2, 4, … rows) rather than per request: a step over n active rows runs the bucket that
+holds them. On CPU with bf16/fp16 weights its matrix–vector products are `linear.gemv`'s where that was
+measured faster on this machine (`linear.measure_gemv`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .linear import measure_gemv
+
+
+class Decoder:
+    """One compiled-or-eager decode step over a fixed view of the cache: ids `[B]` → logits `[B, V]`."""
+
+    def __init__(self, model, cache: KVCache, compile: bool = False):
+        self.model, self.cache = model, cache
+        if compile:
+            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self.static = compile
+
+    def _step(self, ids, positions, slots, kv_mask):
+        out = self.model(ids[:, None], position_ids=positions, cache=self.cache, cache_slots=slots, kv_mask=kv_mask,
+                         logits_to_keep=1, check=False)
+        return out.logits[:, -1]  # [B, V]
+
+    def __call__(self, ids, positions, slots, key_valid):
+        """ids `[B]`, positions `[3, B, 1]`, slots `[B]` (each row's write slot), key_valid `[B, max_len]`."""
+        kv_len = self.cache.max_len if self.static else int(slots.max()) + 1  # compiled: always the whole buffer
+        visible = key_valid[:, :kv_len] & (torch.arange(kv_len, device=ids.device) <= slots[:, None])  # [B, kv_len]
+        return self.step(ids, positions, slots[:, None], visible[:, None, None, :])
+
+
+class Engine:
+    """`rows` sequences of at most `max_len` tokens each (prompt + generated), decoded together."""
+
+    def __init__(self, model, rows: int, max_len: int, compile: bool = False):
+        cfg = model.config.text
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's context of {cfg.max_position_embeddings}")
+        self.model, self.rows, self.max_len, self.compile = model, rows, max_len, compile
+        self.device = model.lm_head.weight.device
+        self.cache = KVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim, model.lm_head.weight.dtype,
+                             self.device)
+        self.slot = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] where each row's next token goes
+        self.position = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] its M-RoPE position
+        self.key_valid = torch.ones(rows, max_len, dtype=torch.bool, device=self.device)  # [rows, max_len]
+        self.length = [0] * rows  # host copy of `slot`: tokens in each row (0: free)
+        self.decoders: dict[int, Decoder] = {}  # batch bucket → decode step over the cache's first rows
+        if compile:  # one compiled graph per bucket (and per gemv choice): more than dynamo's default of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    def bucket(self, n: int) -> int:
+        """Rows a step over the first n rows runs: n itself eagerly, the next power of two (≤ rows) compiled."""
+        return n if not self.compile else min(self.rows, 1 << (n - 1).bit_length())
+
+    @torch.inference_mode()
+    def prefill(self, first_row: int, inputs: dict) -> torch.Tensor:
+        """A (left-padded) prompt batch `input_ids` `[b, S]` + media into rows `first_row … first_row + b`;
+        returns their next-token logits `[b, V]`. Raises ValueError (nothing written) if S does not fit."""
+        ids = inputs["input_ids"].to(self.device)
+        b, s = ids.shape
+        if first_row + b > self.rows:
+            raise ValueError(f"rows {first_row}…{first_row + b - 1} do not exist: the engine has {self.rows}")
+        if s >= self.max_len:
+            raise ValueError(f"prompt ({s} tokens) leaves no room in the engine's {self.max_len} cache slots")
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
+        rows = slice(first_row, first_row + b)
+        out = self.model(ids, mask, **media, cache=self.cache.rows(rows), cache_slots=torch.arange(s, device=self.device),
+                         logits_to_keep=1, check=False)
+        self.key_valid[rows] = True
+        self.key_valid[rows, :s] = mask.bool()
+        self.slot[rows] = s
+        self.position[rows] = mask.sum(-1) + out.rope_deltas[:, 0]
+        self.length[rows] = [s] * b
+        return out.logits[:, -1]  # [b, V]
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row for the first n = len(ids) rows `[n]` → their next-token logits `[n, V]`."""
+        n = ids.shape[0]
+        if any(self.length[r] >= self.max_len for r in range(n) if self.length[r]):
+            full = [r for r in range(n) if self.length[r] >= self.max_len]
+            raise ValueError(f"rows {full} have used all {self.max_len} cache slots")
+        m = self.bucket(n)
+        if m not in self.decoders:
+            self.decoders[m] = Decoder(self.model, self.cache.rows(slice(0, m)), self.compile)
+        ids = ids.to(self.device)
+        if m > n:
+            ids = torch.cat([ids, ids.new_zeros(m - n)])  # [m]: rows past n are free or idle; their outputs are dropped
+        pos = self.position[:m].view(1, m, 1).expand(3, m, 1)  # [3, m, 1]: the same position on all three axes
+        logits = self.decoders[m](ids, pos, self.slot[:m], self.key_valid[:m])
+        for r in range(n):
+            if self.length[r]:
+                self.length[r] += 1
+        live = torch.tensor([bool(x) for x in self.length[:m]], device=self.device)
+        self.slot[:m] += live
+        self.position[:m] += live
+        return logits[:n]
+
+    def release(self, row: int) -> None:
+        """Free a row: it keeps its (stale) keys, which its next prefill overwrites; until then it is idle."""
+        self.length[row] = 0
+        self.slot[row] = 0
+        self.key_valid[row] = True

@@ -1,0 +1,118 @@
+"""`qva-serve`: serve a qva model with OpenAI's Chat Completions API (needs `pip install "qva[serve]"`).
+
+    qva-serve --model Qwen2-VL-2B-Instruct --whisper whisper-large-v3-turbo --max-batch 8
+    qva-serve --demo                      # the tiny random-weight demo model (no downloads)
+
+The port opens at once and `/health` answers 503 while the model loads; a model that fails to load
+ends the process with the reason (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..linear import QUANTIZED_LINEARS
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qva-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="Qwen2-VL checkpoint folder, a saved qva graft, or a training run's adapter folder")
+    p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
+    p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT layout) to apply")
+    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
+    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper")
+    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (once per batch bucket)")
+    p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows: requests decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="tokens per request, prompt + answer (default: the model's, ≤ 4096)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before new ones get 429")
+    p.add_argument("--limit-media", type=int, default=8, help="images, videos and audio clips per request")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs (default: data: URLs only)")
+    p.add_argument("--api-key", default=os.environ.get("QVA_API_KEY"), help="require 'Authorization: Bearer KEY' (default: $QVA_API_KEY)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--demo", action="store_true", help="serve the tiny random-weight demo model")
+    return p.parse_args(argv)
+
+
+def settings_and_loader(args):
+    """Check the arguments (one-line errors) and return the server settings and a model loader."""
+    import torch
+
+    from ..cli import DTYPES as TORCH_DTYPES
+    from ..cli import UserError
+    from .app import Settings
+
+    if args.demo:
+        from ..demo import demo_checkpoints
+
+        args.model, args.whisper = demo_checkpoints()
+        args.served_model_name = args.served_model_name or "qva-demo"
+    if args.model is None:
+        raise UserError("--model is required (or use --demo)")
+    if not args.model.is_dir():
+        raise UserError(f"{args.model}: no such model folder")
+    for name in ("max_batch", "max_queue", "limit_media"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be ≥ 2, got {args.max_model_len}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available on this machine")
+    settings = Settings(max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
+                        limit_media=args.limit_media, allow_remote_media=args.allow_remote_media, api_key=args.api_key,
+                        model_name=args.served_model_name or args.model.resolve().name, compile=args.compile)
+
+    def loader():
+        from ..pretrained import load
+
+        model = load(args.model, whisper=args.whisper, adapter=args.adapter, dtype=TORCH_DTYPES.get(args.dtype), device=args.device,
+                     quantize=args.quantize, quantize_modules=tuple(args.quantize_modules.split(",")), group_size=args.group_size)
+        print(f"qva-serve: {settings.model_name} loaded; serving on http://{args.host}:{args.port}/v1", flush=True)
+        return model
+
+    return settings, loader
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print('qva-serve: error: the server needs FastAPI and uvicorn: pip install "qva[serve]"', file=sys.stderr)
+        return 2
+    from ..cli import UserError
+    from .app import Server, create_app
+
+    try:
+        settings, loader = settings_and_loader(args)
+    except UserError as e:
+        print(f"qva-serve: error: {e}", file=sys.stderr)
+        return 2
+    server = Server(settings)
+
+    def load_or_stop():
+        try:
+            return loader()
+        except Exception:
+            http.should_exit = True  # a model that cannot load ends the process (the reason is printed)
+            raise
+
+    http = uvicorn.Server(uvicorn.Config(create_app(server, load_or_stop), host=args.host, port=args.port, log_level="warning"))
+    http.run()
+    if server.load_error:
+        print(f"qva-serve: error: {server.load_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

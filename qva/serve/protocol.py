@@ -1,0 +1,320 @@
+"""OpenAI Chat Completions requests → qva messages and sampling settings; responses and errors back.
+
+A request body (already JSON-decoded) is checked field by field, and every problem is an `APIError`
+carrying the HTTP status and OpenAI's error body `{"error": {"message", "type", "param", "code"}}`,
+so a client sees a 4xx naming the field, never a 5xx (the official client retries those twice).
+
+Content parts understood (OpenAI's, plus vLLM's `video_url`):
+
+    {"type": "text", "text": "..."}
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
+    {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav" | "mp3" | "flac"}}
+    {"type": "video_url", "video_url": {"url": "data:image/gif;base64,..."}}      # an animated GIF/WebP
+    {"type": "video_url", "video_url": {"frames": ["data:image/png;base64,...", ...]}}
+
+Media are decoded here (Pillow, soundfile) into what `Processor` takes: PIL images, frame lists,
+16 kHz waveforms. Remote `http(s)` URLs are refused unless the server allows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..audio import AudioError, load_audio
+
+AUDIO_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC"}
+ROLES = {"system", "developer", "user", "assistant"}
+REMOTE_LIMIT = 64 * 2**20  # bytes fetched from one remote URL at most
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # qva / Hugging Face form: {"role", "content": str | [{"type": "text"|"image"|"video"|"audio", ...}]}
+    max_tokens: int | None
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    media: int = 0  # media items in the request
+    id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Limits:
+    model_name: str
+    max_media: int = 8
+    allow_remote_media: bool = False
+    defaults: dict = field(default_factory=dict)  # sampling defaults: the checkpoint's generation_config, else OpenAI's
+
+
+# -- small typed reads --------------------------------------------------------------------------------
+def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+        raise bad(f"'{name}' must be {kind}, got {v!r}"[:300], name, "invalid_type")
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def parse_chat_request(body, limits: Limits, fetch=None) -> ChatRequest:
+    """A decoded JSON body → ChatRequest, or APIError naming the first field that is wrong."""
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise bad("'model' is required and must be a string", "model", "invalid_type")
+    if model != limits.model_name:
+        raise APIError(404, f"the model '{model[:100]}' does not exist; this server serves '{limits.model_name}'", "model",
+                       "model_not_found")
+    n = _number(body, "n", 1, 1, 1, integer=True)
+    del n
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2, 2, 0):
+            raise bad(f"'{name}' is not supported (only 0)", name, "unsupported_value")
+    for name in ("tools", "functions", "logit_bias", "response_format", "audio"):
+        if body.get(name):
+            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if body.get("logprobs"):
+        raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
+    max_tokens = _number(body, "max_completion_tokens", 1, 2**31, None, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 2**31, None, integer=True)
+    d = limits.defaults
+    temperature = _number(body, "temperature", 0, 2, d.get("temperature", 1.0))
+    top_p = _number(body, "top_p", 0, 1, d.get("top_p", 1.0))
+    if top_p == 0:
+        raise bad("'top_p' must be > 0", "top_p")
+    top_k = _number(body, "top_k", 0, 2**31, d.get("top_k"), integer=True)
+    repetition_penalty = _number(body, "repetition_penalty", 1e-3, 100, 1.0)
+    seed = _number(body, "seed", -(2**63), 2**63 - 1, None, integer=True)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop", "invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad(f"'stream' must be true or false, got {stream!r}"[:200], "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("'stream_options.include_usage' must be true or false", "stream_options.include_usage", "invalid_type")
+    messages, media = parse_messages(body.get("messages"), limits, fetch)
+    return ChatRequest(messages, max_tokens, float(temperature), float(top_p) if top_p is not None else None, top_k,
+                       float(repetition_penalty), seed, stop, stream, include_usage, media)
+
+
+def parse_messages(messages, limits: Limits, fetch=None) -> tuple[list[dict], int]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' is required and must be a non-empty list", "messages", "invalid_type")
+    out, media = [], 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"{where}.role must be one of {sorted(ROLES)}, got {str(role)[:40]!r}", f"{where}.role")
+        role = "system" if role == "developer" else role
+        content = m.get("content")
+        if isinstance(content, str):
+            _check_text(content, f"{where}.content")
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list) or (role != "user" and any(not isinstance(p, dict) or p.get("type") != "text" for p in content)):
+            want = "a string or a list of content parts" if role == "user" else "a string or a list of text parts"
+            raise bad(f"{where}.content must be {want}", f"{where}.content", "invalid_type")
+        parts = []
+        for j, part in enumerate(content):
+            pwhere = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise bad(f"{pwhere} must be an object with a 'type'", pwhere, "invalid_type")
+            kind = part.get("type")
+            if kind == "text":
+                _check_text(part.get("text"), f"{pwhere}.text")
+                parts.append({"type": "text", "text": part["text"]})
+                continue
+            if kind not in ("image_url", "input_audio", "video_url"):
+                raise bad(f"{pwhere}.type must be text, image_url, input_audio or video_url, got {str(kind)[:40]!r}", f"{pwhere}.type")
+            media += 1
+            if media > limits.max_media:
+                raise bad(f"the request has more than {limits.max_media} media items (the server's --limit-media)", pwhere,
+                          "too_many_media")
+            spec = part.get(kind)
+            if not isinstance(spec, dict):
+                raise bad(f"{pwhere}.{kind} must be an object", f"{pwhere}.{kind}", "invalid_type")
+            if kind == "image_url":
+                raw = _url(spec, f"{pwhere}.image_url", limits, fetch)
+                parts.append({"type": "image", "image": decode_image(raw, f"{pwhere}.image_url")})
+            elif kind == "input_audio":
+                parts.append({"type": "audio", "audio": decode_audio(spec, f"{pwhere}.input_audio")})
+            else:
+                parts.append({"type": "video", "video": decode_video(spec, f"{pwhere}.video_url", limits, fetch)})
+        out.append({"role": role, "content": parts})
+    return out, media
+
+
+def _check_text(text, where: str) -> None:
+    if not isinstance(text, str):
+        raise bad(f"{where} must be a string", where, "invalid_type")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{where} is not valid Unicode (a lone surrogate)", where) from None
+
+
+# -- media ----------------------------------------------------------------------------------------------
+def _b64(data, where: str) -> bytes:
+    if not isinstance(data, str):
+        raise bad(f"{where} must be a base64 string", where, "invalid_type")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{where} is not valid base64", where, "invalid_base64") from None
+
+
+def _url(spec: dict, where: str, limits: Limits, fetch=None) -> bytes:
+    """The bytes behind `spec["url"]`: a `data:` URL, or (if allowed) a remote http(s) one."""
+    url = spec.get("url")
+    if not isinstance(url, str) or not url:
+        raise bad(f"{where}.url must be a string (a data: URL)", f"{where}.url", "invalid_type")
+    if url.startswith("data:"):
+        head, sep, data = url.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise bad(f"{where}.url must be a base64 data URL (data:<mime>;base64,<data>)", f"{where}.url", "invalid_url")
+        return _b64(data, f"{where}.url")
+    if url.startswith(("http://", "https://")):
+        if not limits.allow_remote_media:
+            raise bad(f"{where}.url: remote URLs are not fetched by this server (start it with --allow-remote-media); "
+                      "send the media inline as a data: URL", f"{where}.url", "remote_media_disabled")
+        return (fetch or fetch_url)(url, f"{where}.url")
+    allowed = "a data: URL" + (" or an http(s) URL" if limits.allow_remote_media else "")
+    raise bad(f"{where}.url must be {allowed}", f"{where}.url", "invalid_url")
+
+
+def fetch_url(url: str, where: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https only, checked above)
+            data = r.read(REMOTE_LIMIT + 1)
+    except Exception as e:  # any network failure is the client's URL's problem
+        raise bad(f"{where}: could not fetch {url[:200]} ({type(e).__name__}: {e})"[:400], where, "remote_media_failed") from None
+    if len(data) > REMOTE_LIMIT:
+        raise bad(f"{where}: {url[:200]} is over {REMOTE_LIMIT >> 20} MiB", where, "remote_media_too_large")
+    return data
+
+
+def decode_image(raw: bytes, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(raw))
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise bad(f"{where}: cannot decode the image ({type(e).__name__})", where, "invalid_image") from None
+    return im
+
+
+def decode_video(spec: dict, where: str, limits: Limits, fetch=None) -> list:
+    """Frames of a video: `frames` (image data URLs) or `url` (an animated GIF/WebP as a data URL)."""
+    from PIL import ImageSequence
+
+    frames = spec.get("frames")
+    if frames is not None:
+        if not isinstance(frames, list) or not frames or len(frames) > 256:
+            raise bad(f"{where}.frames must be a list of 1 to 256 image data URLs", f"{where}.frames", "invalid_type")
+        return [decode_image(_url({"url": f}, f"{where}.frames[{i}]", limits, fetch), f"{where}.frames[{i}]") for i, f in enumerate(frames)]
+    raw = _url(spec, where, limits, fetch)
+    try:
+        im = decode_image(raw, where)
+    except APIError:
+        raise bad(f"{where}: cannot decode the video: send an animated GIF/WebP, or its frames as \"frames\": [image data URLs] "
+                  "(e.g. ffmpeg -i in.mp4 -vf fps=2 frames/%04d.png)", where, "invalid_video") from None
+    try:
+        out = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+    except (OSError, ValueError) as e:
+        raise bad(f"{where}: cannot decode the video frames ({type(e).__name__})", where, "invalid_video") from None
+    if len(out) > 256:
+        raise bad(f"{where}: the video has {len(out)} frames, over 256 (send sampled frames instead)", where, "invalid_video")
+    return out
+
+
+def decode_audio(spec: dict, where: str):
+    """`{"data": base64, "format": "wav"|"mp3"|"flac"}` → a 16 kHz mono float32 waveform."""
+    import soundfile as sf
+
+    fmt = spec.get("format")
+    if fmt not in AUDIO_FORMATS:
+        raise bad(f"{where}.format must be one of {sorted(AUDIO_FORMATS)}, got {str(fmt)[:40]!r}", f"{where}.format",
+                  "unsupported_audio_format")
+    raw = _b64(spec.get("data"), f"{where}.data")
+    try:
+        data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)  # [samples, channels]; the container says its codec
+    except Exception as e:  # libsndfile reports every undecodable stream the same way
+        raise bad(f"{where}: cannot decode the audio as {fmt} ({type(e).__name__})", f"{where}.data", "invalid_audio") from None
+    try:
+        return load_audio(np.ascontiguousarray(data.mean(axis=1)), rate)  # [samples] at 16 kHz; NaN/inf refused
+    except AudioError as e:
+        raise bad(f"{where}: {e}", f"{where}.data", "invalid_audio") from None
+
+
+# -- responses ----------------------------------------------------------------------------------------
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion(req: ChatRequest, model: str, text: str, finish: str, prompt: int, tokens: int) -> dict:
+    return {
+        "id": req.id, "object": "chat.completion", "created": req.created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
+        "usage": usage(prompt, tokens),
+    }
+
+
+def chunk(req: ChatRequest, model: str, delta: dict, finish: str | None = None) -> dict:
+    out = {"id": req.id, "object": "chat.completion.chunk", "created": req.created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if req.include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(req: ChatRequest, model: str, prompt: int, tokens: int) -> dict:
+    return {"id": req.id, "object": "chat.completion.chunk", "created": req.created, "model": model, "choices": [],
+            "usage": usage(prompt, tokens)}

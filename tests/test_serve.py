@@ -1,0 +1,303 @@
+"""qva-serve end to end: a real server process on the tiny demo checkpoints (fp32), driven by the official
+`openai` client and by raw HTTP. Greedy answers are compared token for token with offline `generate`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import ServeProcess, http, speechlike
+from PIL import Image, ImageDraw
+
+import qva
+from qva.generate import eos_ids
+from qva.serve.protocol import Limits, decode_audio, decode_image, parse_chat_request
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test"
+NAME = "tiny"
+
+
+def png(seed: int, size=(112, 84)) -> bytes:
+    rng = random.Random(seed)
+    im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    ImageDraw.Draw(im).ellipse((10, 10, 10 + rng.randrange(20, 60), 10 + rng.randrange(20, 60)), fill=(250, 200, 30))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wav(seconds: float, seed: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, speechlike(seconds, seed).numpy(), 16000, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def image_part(raw: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(raw)}}
+
+
+def audio_part(raw: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(raw), "format": fmt}}
+
+
+@pytest.fixture(scope="module")
+def server(demo_dirs):
+    qwen, whisper = demo_dirs
+    srv = ServeProcess("--model", str(qwen), "--whisper", str(whisper), "--dtype", "fp32", "--max-batch", "4", "--max-model-len", "320",
+                       "--api-key", KEY, "--served-model-name", NAME, "--limit-media", "3")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(demo_dirs):
+    """The same model loaded in this process: what the server's answers are compared with."""
+    qwen, whisper = demo_dirs
+    return qva.load(qwen, whisper=whisper, dtype=torch.float32)
+
+
+def offline_answer(model, messages: list[dict], max_tokens: int) -> str:
+    """Greedy `generate` on the OpenAI messages (decoded as the server decodes them), up to the first EOS."""
+    body = {"model": NAME, "messages": messages}
+    req = parse_chat_request(body, Limits(NAME))
+    inputs = model.processor.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+    out = model.generate(**inputs, max_new_tokens=max_tokens)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = set(eos_ids(None))
+    out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    return model.processor.decode(out)
+
+
+def post(server, body, key=KEY, **kw):
+    return http(server.base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"} if key else {}, **kw)
+
+
+# -- the happy paths ------------------------------------------------------------------------------------------------
+def test_streamed_image_and_audio_answer_equals_generate(server, client, offline):
+    content = [image_part(png(0)), audio_part(wav(2.0, 1)), {"type": "text", "text": "What do you see and hear?"}]
+    messages = [{"role": "user", "content": content}]
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.prompt_tokens > 100  # the image and audio placeholders are in the prompt
+    assert len(text) == 16 and text == offline_answer(offline, messages, 16)
+
+
+def test_eight_concurrent_clients_get_offline_greedy_answers(server, client, offline):
+    prompts = []
+    for i in range(8):
+        content = [{"type": "text", "text": f"Question {i}: " + "why " * (i * 3)}]
+        if i % 3 == 1:
+            content.insert(0, image_part(png(i)))
+        if i % 3 == 2:
+            content.insert(0, audio_part(wav(0.5 + i / 4, i)))
+        prompts.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}])
+    lengths = [6 + 3 * i for i in range(8)]  # rows finish at different steps, so rows leave and waiting ones join
+    answers: dict[int, str] = {}
+
+    def ask(i):
+        r = client.chat.completions.create(model=NAME, messages=prompts[i], max_tokens=lengths[i], temperature=0)
+        answers[i] = (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert answers[i] == (offline_answer(offline, prompts[i], lengths[i]), lengths[i], "length"), i
+
+
+def test_multi_turn_stop_seed_and_models(server, client, offline):
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
+                {"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": "Again?"}]
+    full = offline_answer(offline, messages, 20)
+    stop = full[5:7]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stop=[stop, "never"])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[: full.index(stop)]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=20, temperature=0, stop=stop, stream=True))
+    assert streamed == full[: full.index(stop)]
+    sampled = [client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=1.5, top_p=0.9, seed=s)
+               .choices[0].message.content for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def metric(server, name: str) -> float:
+    text = http(server.base + "/metrics")[1].decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+@pytest.fixture(scope="module")
+def one_row(demo_dirs):
+    """A server with one engine row and room for one waiting request."""
+    srv = ServeProcess("--model", str(demo_dirs[0]), "--dtype", "fp32", "--served-model-name", NAME, "--max-batch", "1", "--max-queue", "1")
+    yield srv
+    srv.stop()
+
+
+def test_disconnect_frees_the_row(one_row):
+    from http.client import HTTPConnection
+
+    before = metric(one_row, "qva_generation_tokens_total")
+    conn = HTTPConnection("127.0.0.1", one_row.port, timeout=30)
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "stream": True})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    for _ in range(3 * 2):  # three events (and their blank lines): the row is decoding
+        resp.fp.readline()
+    assert metric(one_row, "qva_running_requests") == 1
+    conn.sock.shutdown(2)  # the client goes away mid-answer
+    conn.close()
+    deadline = time.monotonic() + 5
+    while metric(one_row, "qva_running_requests") != 0:
+        assert time.monotonic() < deadline, "the disconnected request still holds its row"
+        time.sleep(0.01)
+    assert metric(one_row, "qva_generation_tokens_total") - before < 1000  # stopped early: it asked for 3000
+    assert post(one_row, msg({"type": "text", "text": "next"}), key=None)[0] == 200  # the row serves the next request
+
+
+def test_health_metrics_and_auth(server):
+    assert http(server.base + "/health") == (200, b'{"status":"ok"}')
+    status, body = post(server, {"model": NAME, "messages": [{"role": "user", "content": "x"}]}, key=None)
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert post(server, {"model": NAME, "messages": [{"role": "user", "content": "x"}]}, key="wrong")[0] == 401
+    assert http(server.base + "/v1/models")[0] == 401
+    status, body = http(server.base + "/metrics")
+    text = body.decode()
+    for name in ("qva_requests_total{status=\"200\"}", "qva_requests_total{status=\"401\"}", "qva_prompt_tokens_total",
+                 "qva_generation_tokens_total", "qva_queue_depth", "qva_time_to_first_token_seconds_bucket",
+                 "qva_generation_tokens_per_second"):
+        assert name in text, name
+    assert metric(server, "qva_generation_tokens_total") > 0
+
+
+# -- bad input: a 4xx naming the problem, and the server keeps serving --------------------------------------------------
+def msg(*parts):
+    return {"model": NAME, "messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}
+
+
+NAN_WAV = io.BytesIO()
+sf.write(NAN_WAV, np.array([0.1, float("nan"), 0.2] * 800, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+BAD = {
+    "malformed JSON": (b'{"model": "tiny", "messages": [', 400, "invalid_json"),
+    "not an object": ([1, 2], 400, "invalid_type"),
+    "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+    "no messages": ({"model": NAME}, 400, "invalid_type"),
+    "bad role": ({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value"),
+    "bad base64 image": (msg({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}), 400, "invalid_base64"),
+    "undecodable image": (msg(image_part(b"not a png")), 400, "invalid_image"),
+    "remote image": (msg({"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}), 400, "remote_media_disabled"),
+    "bad base64 audio": (msg({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}), 400, "invalid_base64"),
+    "undecodable audio": (msg(audio_part(b"RIFF....WAVEjunk")), 400, "invalid_audio"),
+    "unsupported audio format": (msg({"type": "input_audio", "input_audio": {"data": b64(b"x"), "format": "aac"}}), 400,
+                                 "unsupported_audio_format"),
+    "NaN audio samples": (msg(audio_part(NAN_WAV.getvalue())), 400, "invalid_audio"),
+    "too much media": (msg(*[image_part(png(i)) for i in range(4)]), 400, "too_many_media"),
+    "prompt + max_tokens over the context": ({**msg({"type": "text", "text": "x"}), "max_tokens": 300}, 400, "context_length_exceeded"),
+    "prompt alone over the context": (msg({"type": "text", "text": "word " * 400}), 400, "context_length_exceeded"),
+    "negative max_tokens": ({**msg({"type": "text", "text": "x"}), "max_tokens": -1}, 400, "invalid_value"),
+    "string temperature": ({**msg({"type": "text", "text": "x"}), "temperature": "hot"}, 400, "invalid_type"),
+    "n = 2": ({**msg({"type": "text", "text": "x"}), "n": 2}, 400, "invalid_value"),
+    "unknown part type": (msg({"type": "file", "file": {}}), 400, "invalid_value"),
+    "video as mp4": (msg({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(b"\0\0\0 ftypisom")}}), 400,
+                     "invalid_video"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_is_a_named_4xx(server, case):
+    body, status, code = BAD[case]
+    got, raw = post(server, body)
+    err = json.loads(raw)["error"]
+    assert (got, err["code"]) == (status, code), err
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_audio_to_a_model_without_an_audio_encoder(demo_dirs):
+    srv = ServeProcess("--model", str(demo_dirs[0]), "--dtype", "fp32", "--served-model-name", NAME, "--max-model-len", "256")
+    try:
+        status, raw = post(srv, msg(audio_part(wav(0.5, 0))), key=None)
+        assert status == 400 and "no audio encoder" in json.loads(raw)["error"]["message"]
+        assert post(srv, msg({"type": "text", "text": "still serving?"}), key=None)[0] == 200
+    finally:
+        srv.stop()
+
+
+def random_body(rng: random.Random, depth: int = 0):
+    leaves = [None, True, 0, -1, 1.5, float("inf"), "", "x" * rng.randrange(50), "data:image/png;base64,AAAA", NAME, "user", 10**20]
+    if depth > 3 or rng.random() < 0.4:
+        return rng.choice(leaves)
+    if rng.random() < 0.5:
+        return [random_body(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["model", "messages", "role", "content", "type", "text", "image_url", "url", "input_audio", "data", "format", "max_tokens",
+            "temperature", "top_p", "stream", "stop", "seed", "n", "stream_options", "video_url", "frames", "x"]
+    return {rng.choice(keys): random_body(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+def test_fuzzed_bodies_never_5xx(server):
+    rng = random.Random(0)
+    statuses = []
+    for i in range(300):
+        body = random_body(rng)
+        if i % 3 == 0:  # mostly well-formed envelopes with random insides
+            message = {"role": rng.choice(["user", "assistant", "system", 3]), "content": random_body(rng, 1)}
+            body = {"model": NAME, "max_tokens": 2, "messages": [message], **(body if isinstance(body, dict) else {})}
+        raw = json.dumps(body).encode() if rng.random() < 0.9 else json.dumps(body).encode()[: rng.randrange(1, 20)]
+        statuses.append(post(server, raw)[0])
+    assert max(statuses) < 500 and statuses.count(200) < len(statuses)
+    assert http(server.base + "/health")[0] == 200
+    assert post(server, msg({"type": "text", "text": "alive?"}))[0] == 200
+
+
+def test_full_queue_answers_429_at_once(one_row):
+    long = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3000}
+    done = []
+    for _ in range(2):  # one decoding, one waiting
+        threading.Thread(target=lambda: done.append(post(one_row, long, key=None, timeout=300)), daemon=True).start()
+    deadline = time.monotonic() + 10
+    while metric(one_row, "qva_queue_depth") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    status, raw = post(one_row, long, key=None)
+    assert status == 429 and json.loads(raw)["error"]["code"] == "queue_full" and time.perf_counter() - t0 < 2
+    deadline = time.monotonic() + 120
+    while len(done) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert [s for s, _ in done] == [200, 200]
+
+
+# -- media decoding equals the files' ---------------------------------------------------------------------------------
+def test_media_decoding_matches_files(tmp_path):
+    for fmt, subtype in (("WAV", "PCM_16"), ("FLAC", None), ("MP3", None)):
+        raw = wav(1.0, 3, fmt, subtype)
+        path = tmp_path / f"a.{fmt.lower()}"
+        path.write_bytes(raw)
+        got = decode_audio({"data": b64(raw), "format": fmt.lower()}, "x")
+        assert torch.equal(got, qva.load_audio(path)), fmt
+    im = decode_image(png(1), "x")
+    assert np.array_equal(np.asarray(im), np.asarray(Image.open(io.BytesIO(png(1)))))

@@ -159,12 +159,8 @@ def one_row(demo_dirs):
 
 
 def test_disconnect_frees_the_row(one_row):
-    from http.client import HTTPConnection
-
     before = metric(one_row, "qva_generation_tokens_total")
-    conn = HTTPConnection("127.0.0.1", one_row.port, timeout=30)
-    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "stream": True})
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    conn = stream_open(one_row, 3000)
     resp = conn.getresponse()
     for _ in range(3 * 2):  # three events (and their blank lines): the row is decoding
         resp.fp.readline()
@@ -272,23 +268,34 @@ def test_fuzzed_bodies_never_5xx(server):
     assert post(server, msg({"type": "text", "text": "alive?"}))[0] == 200
 
 
+def stream_open(srv, max_tokens: int):
+    """A streaming request left open (its row or queue place held until the connection is closed)."""
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": max_tokens, "stream": True})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    return conn
+
+
 def test_full_queue_answers_429_at_once(one_row):
-    long = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3000}
-    done = []
-    for _ in range(2):  # one decoding, one waiting
-        threading.Thread(target=lambda: done.append(post(one_row, long, key=None, timeout=300)), daemon=True).start()
+    running = stream_open(one_row, 3000)
+    running.getresponse().fp.readline()
+    waiting = stream_open(one_row, 3000)  # one row, so this one queues
     deadline = time.monotonic() + 10
     while metric(one_row, "qva_queue_depth") != 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     t0 = time.perf_counter()
-    status, raw = post(one_row, long, key=None)
+    status, raw = post(one_row, msg({"type": "text", "text": "me too"}), key=None)
     assert status == 429 and json.loads(raw)["error"]["code"] == "queue_full" and time.perf_counter() - t0 < 2
-    deadline = time.monotonic() + 120
-    while len(done) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert [s for s, _ in done] == [200, 200]
+    for conn in (waiting, running):  # both clients leave: the row and the queue place are freed
+        conn.sock.shutdown(2)
+        conn.close()
+    while metric(one_row, "qva_running_requests") + metric(one_row, "qva_queue_depth") > 0:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.01)
+    assert post(one_row, msg({"type": "text", "text": "now?"}), key=None)[0] == 200
 
 
 # -- media decoding equals the files' ---------------------------------------------------------------------------------
@@ -301,3 +308,39 @@ def test_media_decoding_matches_files(tmp_path):
         assert torch.equal(got, qva.load_audio(path)), fmt
     im = decode_image(png(1), "x")
     assert np.array_equal(np.asarray(im), np.asarray(Image.open(io.BytesIO(png(1)))))
+
+
+def test_video_as_frames_and_as_gif(server, client, offline):
+    frames = [png(10 + i, size=(84, 56)) for i in range(4)]
+    gif = io.BytesIO()
+    images = [Image.open(io.BytesIO(f)).convert("RGB") for f in frames]
+    images[0].save(gif, "GIF", save_all=True, append_images=images[1:], duration=100)
+    for video in ({"frames": ["data:image/png;base64," + b64(f) for f in frames]}, {"url": "data:image/gif;base64," + b64(gif.getvalue())}):
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": video}, {"type": "text", "text": "What happens?"}]}]
+        r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+        assert r.usage.prompt_tokens > 20 and r.choices[0].message.content == offline_answer(offline, messages, 8)
+
+
+def test_remote_media_only_when_allowed():
+    body = msg({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}})
+    with pytest.raises(Exception, match="remote URLs are not fetched"):
+        parse_chat_request(body, Limits(NAME))
+    fetched = []
+    req = parse_chat_request(body, Limits(NAME, allow_remote_media=True), fetch=lambda url, where: fetched.append(url) or png(0))
+    assert fetched == ["https://example.com/cat.png"] and req.messages[0]["content"][0]["image"].size == (112, 84)
+
+
+def test_cli_errors_are_one_line(tmp_path, demo_dirs):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "qva.serve.cli", *args], capture_output=True, text=True, timeout=120)
+
+    out = run("--model", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and out.stderr.strip() == f"qva-serve: error: {tmp_path / 'nowhere'}: no such model folder"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((demo_dirs[0] / "config.json").read_text())
+    out = run("--model", str(broken), "--port", "0")
+    assert out.returncode == 2 and "qva-serve: error:" in out.stderr and "Traceback" not in out.stderr

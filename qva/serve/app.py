@@ -81,9 +81,8 @@ class Server:
         def run():
             try:
                 self.attach(loader())
-            except Exception as e:  # reported by /health and in the log; the process keeps answering
+            except Exception as e:  # reported by /health (and by qva-serve, which then exits)
                 self.load_error = f"{type(e).__name__}: {e}"
-                print(f"qva-serve: loading failed: {self.load_error}", flush=True)
         t = threading.Thread(target=run, name="qva-load", daemon=True)
         t.start()
         return t

@@ -86,7 +86,8 @@ class Server:
                 self.log.close()
                 lines = Path(self.log.name).read_text().strip().splitlines()
                 errors = [line for line in lines if "Error" in line or "error:" in line]  # the exception, not the traceback's tail
-                raise RuntimeError(" ".join(lines[lines.index(errors[-1]):][:3]) if errors else f"exited with status {self.proc.returncode}")
+                reason = " ".join(lines[lines.index(errors[-1]):][:3]) if errors else f"exited with status {self.proc.returncode}"
+                raise RuntimeError(reason)
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 c.request("GET", health)

@@ -315,6 +315,20 @@ def test_nf4_codes_and_absmax_equal_bitsandbytes(shape):
     assert torch.equal(nf4_dequantize(*ours.values(), shape, torch.float32), bnb.dequantize_4bit(packed, state))
 
 
+def test_nf4_dequantizes_in_pieces_bit_for_bit(monkeypatch):
+    """A CPU dequantizes in cache-sized pieces into a kept buffer: the same bits as in one piece, whatever the
+    piece size (here 3 blocks, which does not divide the weight's 210), in fp32 and bf16."""
+    from qva.linear import nf4_dequantize, nf4_quantize
+
+    w = torch.randn(70, 192, generator=torch.Generator().manual_seed(3)) * 0.05
+    q = nf4_quantize(w)
+    whole = {dt: nf4_dequantize(*q.values(), w.shape, dt) for dt in (torch.float32, torch.bfloat16)}
+    monkeypatch.setattr(L, "NF4_CHUNK", 3 * 64)
+    for dt, ref in whole.items():
+        out = torch.full(w.shape, float("nan"), dtype=dt)
+        assert nf4_dequantize(*q.values(), w.shape, dt, out) is out and torch.equal(out, ref)
+
+
 def test_nf4_requantizing_is_idempotent_and_close():
     from qva.linear import nf4_dequantize, nf4_quantize
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import KVCache
-from .linear import measure_gemv
+from .linear import cpu_has_fast_half_matmul, measure_gemv
 
 
 class Decoder:
@@ -33,8 +33,9 @@ class Decoder:
 
     def __init__(self, model, cache: KVCache, compile: bool = False):
         self.model, self.cache = model, cache
-        if compile:
-            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])  # the kernels the compiled step will use, chosen by timing here
+        if compile:  # the kernels and dtypes the compiled step will use, chosen by timing here, before tracing
+            cpu_has_fast_half_matmul()
+            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.static = compile
 

@@ -7,7 +7,8 @@ model files (`qwen2.py`, `vision.py`, `whisper_encoder.py`) read like the papers
 **Dtype policy.** Weights stay stored as loaded (fp32, bf16, fp16). A stack (LLM, vision, Whisper) picks
 its activation dtype once, with `large_matmul_dtype`: on a CPU without native half-precision matmul
 (no AVX512-BF16 / AMX) products with bf16/fp16 weights run ~40–100× slower than fp32, so many-row
-products (prefill, vision, Whisper) run in fp32 there; one-token decoding stays in the storage dtype
+products (prefill, vision, Whisper) run in fp32 there (which CPU is which is measured once per machine,
+`cpu_has_fast_half_matmul`); one-token decoding stays in the storage dtype
 (bound by bandwidth, and half the bytes). `matmul(x, W)` then computes in **x's dtype**:
 - same dtype: `F.linear`;
 - a stored weight of another dtype, under autograd: `StoredWeightProduct`, an autograd function that
@@ -78,10 +79,23 @@ def _cpu_flags_say_fast_half_matmul() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or "amx_fp16" in flags
 
 
-_FAST_HALF_MATMUL = _cpu_flags_say_fast_half_matmul()  # read once, at import: compiled code sees a constant
+_FAST_HALF_MATMUL: bool | None = None  # decided once per process (then compiled code sees a constant)
 
 
 def cpu_has_fast_half_matmul() -> bool:
+    """Whether a bf16 product of many rows beats casting to fp32 on this CPU: measured once per machine (a
+    prefill-sized product each way, cached with the kernel choices, `fastest`), not read from the flags —
+    builds and BIOS settings differ (oneDNN may not use AMX; `ONEDNN_MAX_CPU_ISA` may cap it). While tracing
+    for `torch.compile` before it is known, the flags (AVX512-BF16 / AMX) answer instead."""
+    global _FAST_HALF_MATMUL
+    if _FAST_HALF_MATMUL is None:
+        if torch.compiler.is_compiling():
+            return _cpu_flags_say_fast_half_matmul()
+        x, w = torch.randn(128, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
+        with torch.no_grad():
+            choice = fastest(f"half-matmul:bf16:128x1024x1024:t{torch.get_num_threads()}",
+                             {"half": lambda: F.linear(x, w), "float32": lambda: F.linear(x.float(), w.float())})
+        _FAST_HALF_MATMUL = choice == "half"
     return _FAST_HALF_MATMUL
 
 

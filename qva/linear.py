@@ -172,11 +172,17 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`x @ weight.T + bias` `[..., out]`, computed in x's dtype whatever the weight's storage dtype."""
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
-    if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and weight.dtype != x.dtype and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return StoredWeightProduct.apply(x, weight, bias)
-    return F.linear(x, cast_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    # as one [rows, in] matrix: F.linear over a 3-D x without a bias is `matmul`, which for some inputs (a
+    # strided slice, inference-mode weights that require grad) broadcasts W to a batched product and copies
+    # it first: 60× slower for a vocabulary head (0.96 s instead of 15 ms for one row of the 2B model)
+    rows = rearrange(x, "... i -> (...) i")  # [R, in]
+    if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        y = F.linear(rows, weight, bias)
+    else:
+        y = F.linear(rows, cast_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+    return y.view(*x.shape[:-1], weight.shape[0])  # [..., out]
 
 
 # -- decode: matrix–vector products over half-precision weights, for torch.compile on CPU ----------------------

@@ -121,6 +121,9 @@ def test_health_loading_ready_and_stuck(model):
         server.scheduler.heartbeat = time.monotonic() - 10**4  # … and no progress for hours
         assert server.health()[0] == 503 and server.health()[1]["status"] == "stuck"
         server.scheduler.active.clear()
+        server.scheduler.error = RuntimeError("device lost")  # the engine thread died
+        assert server.health() == (503, {"status": "stuck", "error": "RuntimeError('device lost')"})
+        server.scheduler.error = None
     finally:
         server.scheduler.close()
     failed = Server(Settings())

@@ -203,6 +203,8 @@ def create_app(server: Server, loader=None) -> FastAPI:
         if server.scheduler is None:
             raise APIError(503, "the model is still loading" if not server.load_error else f"the model failed to load: {server.load_error}",
                            None, "model_not_ready", "server_error")
+        if server.scheduler.error is not None or not server.scheduler.thread.is_alive():
+            raise APIError(503, f"the engine stopped: {server.scheduler.error!r}", None, "engine_failed", "server_error")
 
     @app.get("/health")
     async def health():

@@ -51,8 +51,13 @@ def cpu_header() -> str:
         return f"cpu: {platform.processor() or platform.machine()}; torch {torch.__version__}"
     model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    import os
+
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY")
     return (f"cpu: {model}, {torch.get_num_threads()} threads; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
-            + f"; torch {torch.__version__}")
+            + f"; torch {torch.__version__}, kernels {torch.backends.cpu.get_cpu_capability()}"
+            + (f" (capped: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}, "
+               f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')})" if capped else ""))
 
 
 def cold_run(imports: str, body: str, path: Path) -> dict:

@@ -472,3 +472,23 @@ def test_int4_refuses_shapes_it_cannot_pack():
         L.Int4Linear(256, 128, group_size=48)
     with pytest.raises(ValueError, match=r"out_features by 64.*\[96, 256\]"):
         L.Int4Linear.from_linear(Linear(256, 96))
+
+
+@pytest.mark.parametrize("kernel", ["aten", "linear"])
+def test_few_rows_over_half_weights_either_kernel(monkeypatch, kernel):
+    """Decode-sized products over bf16 weights run oneDNN's kernel or PyTorch's own (the faster, measured once);
+    either gives the fp32 product to bf16 accuracy, and oneDNN is left enabled afterwards."""
+    monkeypatch.setenv(L.KERNEL_OVERRIDE, kernel)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 512, generator=g).bfloat16()
+    for rows in (1, 3):
+        x = torch.randn(rows, 512, generator=g).bfloat16()
+        with torch.no_grad():
+            y = L.matmul(x, w)
+        ref = x.float() @ w.float().T
+        assert y.dtype == torch.bfloat16 and rel_l2(y, ref) < 1e-2
+    assert torch._C._get_mkldnn_enabled()
+    monkeypatch.delenv(L.KERNEL_OVERRIDE)
+    with torch.no_grad():
+        L.matmul(torch.randn(1, 512).bfloat16(), w)
+    assert L._load_choices()["few-rows:torch.bfloat16:384x512:r1"] in ("aten", "linear")  # measured and remembered

@@ -57,7 +57,7 @@ class Job:
 
 
 class Stats:
-    """Counters for /metrics (read from the HTTP thread; ints and floats, so no lock is needed)."""
+    """Counters for /metrics, written by the engine thread and read by the HTTP one (the deque under a lock)."""
 
     TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -66,6 +66,7 @@ class Stats:
         self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.recent = collections.deque()  # (time, tokens) of decode steps in the last 10 s
+        self.lock = threading.Lock()
 
     def first_token(self, seconds: float) -> None:
         self.ttft_sum += seconds
@@ -78,12 +79,14 @@ class Stats:
     def tokens(self, n: int) -> None:
         now = time.monotonic()
         self.generation_tokens += n
-        self.recent.append((now, n))
-        while self.recent and self.recent[0][0] < now - 10:
-            self.recent.popleft()
+        with self.lock:
+            self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - 10:
+                self.recent.popleft()
 
     def tokens_per_second(self) -> float:
-        now, recent = time.monotonic(), list(self.recent)
+        with self.lock:
+            now, recent = time.monotonic(), list(self.recent)
         recent = [(t, n) for t, n in recent if t >= now - 10]
         if not recent:
             return 0.0

@@ -6,13 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_l2
 from torch import nn
 
 from qva import linear as L
 from qva.demo import random_whisper_encoder
 from qva.linear import (
-    Conv1d, LayerNorm, Linear, add_lora, clear_scratch, gemv, large_matmul_dtype, lora_weight, matmul,
-    merge_lora, set_policy, unmerge_lora, use_gemv,
+    Conv1d,
+    LayerNorm,
+    Linear,
+    add_lora,
+    clear_scratch,
+    gemv,
+    large_matmul_dtype,
+    lora_weight,
+    matmul,
+    merge_lora,
+    set_policy,
+    unmerge_lora,
+    use_gemv,
 )
 from qva.whisper_encoder import WhisperEncoderConfig
 

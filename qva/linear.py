@@ -218,8 +218,11 @@ def few_rows_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     weights and no autograd, by oneDNN (PyTorch's default) or by PyTorch's own kernel, whichever was measured
     faster for this shape and row count here (`fastest`): on an AVX-512-BF16 EPYC oneDNN's bf16 matrix–vector
     product reads 22 GB/s and PyTorch's own 53 GB/s, while from 4 rows on oneDNN is the faster."""
-    if (weight.dtype not in HALF or rows.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.is_available()):
+    if torch.compiler.is_compiling():  # the compiled decode step: as measured before compiling (`measure_gemv`)
+        if _decode_kernel.get((*weight.shape, weight.dtype, rows.shape[0])) == "aten":
+            return linear_without_onednn(rows, weight, bias)
+        return F.linear(rows, weight, bias)
+    if weight.dtype not in HALF or rows.device.type != "cpu" or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available():
         return F.linear(rows, weight, bias)
     key = f"few-rows:{weight.dtype}:{weight.shape[0]}x{weight.shape[1]}:r{rows.shape[0]}"
     choice = fastest(key, {"linear": lambda: F.linear(rows, weight, bias), "aten": lambda: _without_onednn(rows, weight, bias)})
@@ -235,13 +238,24 @@ def _without_onednn(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         torch._C._set_mkldnn_enabled(enabled)
 
 
+@torch.library.custom_op("qva::linear_without_onednn", mutates_args=())
+def linear_without_onednn(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_without_onednn` as an operator, so that a compiled step can call it as one opaque kernel."""
+    return _without_onednn(rows, weight, bias)
+
+
+@linear_without_onednn.register_fake
+def _(rows, weight, bias):
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
 def gemv_eligible(rows: int, weight: torch.Tensor) -> bool:
     """Products `gemv` can take: CPU, half-precision weights, wide rows (a multiple of 16), ≤ MAX_ROWS rows."""
     return (weight.device.type == "cpu" and weight.dtype in HALF and weight.shape[1] % LANES == 0
             and weight.shape[1] >= MIN_IN_FEATURES and rows <= MAX_ROWS)
 
 
-_gemv_wins: dict[tuple, bool] = {}  # (out, in, dtype, rows) → the compiled gemv measured faster than F.linear
+_decode_kernel: dict[tuple, str] = {}  # (out, in, dtype, rows) → what the compiled decode step runs: gemv | linear | aten
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -249,18 +263,18 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     on this machine (`measure_gemv`; on CPUs with native bf16 matmul, PyTorch's GEMM can win at 2–4 rows)."""
     rows = x.numel() // x.shape[-1]
     return (torch.compiler.is_compiling() and gemv_eligible(rows, weight)
-            and _gemv_wins.get((*weight.shape, weight.dtype, rows), True))
+            and _decode_kernel.get((*weight.shape, weight.dtype, rows), "gemv") == "gemv")
 
 
 def measure_gemv(modules: list[nn.Module], rows: int) -> None:
     """Before a decode step with `rows` rows is compiled: for each weight shape in `modules` (the LLM and its
-    head) that `gemv` could take, time the compiled `gemv` against `F.linear` (once per machine: `fastest`
-    keeps the choice), so that `use_gemv` follows what is faster here. Compiling gemv for a shape costs
-    seconds, once."""
+    head) that `gemv` could take, time the compiled `gemv` against `F.linear` (oneDNN's kernel) and PyTorch's
+    own kernel (`linear_without_onednn`), once per machine (`fastest` keeps the choice), so that the compiled
+    step runs what is faster here (`use_gemv`, `few_rows_product`). Compiling gemv for a shape costs seconds, once."""
     shapes = {(tuple(m.weight.shape), m.weight.dtype) for module in modules for m in module.modules()
               if isinstance(m, Linear) and gemv_eligible(rows, m.weight)}
     for (out_f, in_f), dtype in sorted(shapes, key=str):
-        if (out_f, in_f, dtype, rows) in _gemv_wins:
+        if (out_f, in_f, dtype, rows) in _decode_kernel:
             continue
         w = torch.randn(out_f, in_f).to(dtype)
         x = torch.randn(rows, in_f).to(dtype)
@@ -271,10 +285,13 @@ def measure_gemv(modules: list[nn.Module], rows: int) -> None:
                 compiled.append(torch.compile(gemv, fullgraph=True, dynamic=False))
             return compiled[0](x, w)
 
-        key = f"gemv:{out_f}x{in_f}:{rows}:{str(dtype)[6:]}:cpu"
+        key = f"decode:{out_f}x{in_f}:{rows}:{str(dtype)[6:]}:cpu"
+        candidates = {"gemv": run_gemv, "linear": lambda: F.linear(x, w)}
+        if torch.backends.mkldnn.is_available():
+            candidates["aten"] = lambda: _without_onednn(x, w, None)
         # every shape is one more compiled entry of `gemv`: allow them all (dynamo's default stops at 8)
         with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
-            _gemv_wins[(out_f, in_f, dtype, rows)] = fastest(key, {"gemv": run_gemv, "linear": lambda: F.linear(x, w)}) == "gemv"
+            _decode_kernel[(out_f, in_f, dtype, rows)] = fastest(key, candidates)
 
 
 # -- layers over stored weights -------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_use_gemv_only_when_compiling_for_cpu_half_weights_few_rows(monkeypatch)
 
 
 def test_linear_takes_the_gemv_path_when_compiled(fresh_dynamo, monkeypatch):
-    monkeypatch.setattr(L, "_gemv_wins", {})  # not measured: gemv, as before measurement existed
+    monkeypatch.setattr(L, "_decode_kernel", {})  # not measured: gemv, as before measurement existed
     lin = Linear(512, 8).to(torch.bfloat16)
     calls = []
     real = L.gemv
@@ -207,10 +207,23 @@ def test_linear_takes_the_gemv_path_when_compiled(fresh_dynamo, monkeypatch):
     assert not calls  # eager keeps F.linear
 
 
+def test_compiled_step_runs_pytorchs_own_kernel_where_measured_fastest(fresh_dynamo, monkeypatch):
+    lin = Linear(512, 8).to(torch.bfloat16)
+    monkeypatch.setattr(L, "_decode_kernel", {(8, 512, torch.bfloat16, 1): "aten"})
+    calls = []
+    real = L._without_onednn
+    monkeypatch.setattr(L, "_without_onednn", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(lin, fullgraph=True, dynamic=False)(x)
+    assert calls and torch._C._get_mkldnn_enabled()
+    assert rel_l2(out, reference(x, lin.weight, lin.bias)) < 1e-2
+
+
 def test_gemv_follows_the_measurement(monkeypatch, tmp_path):
     monkeypatch.setenv("QVA_CACHE", str(tmp_path))
     monkeypatch.setattr(L, "_choices", None)
-    monkeypatch.setattr(L, "_gemv_wins", {})
+    monkeypatch.setattr(L, "_decode_kernel", {})
     offered = []
 
     def fake_fastest(key, candidates):
@@ -220,7 +233,8 @@ def test_gemv_follows_the_measurement(monkeypatch, tmp_path):
     monkeypatch.setattr(L, "fastest", fake_fastest)
     model = nn.Sequential(Linear(512, 1024), Linear(1024, 512), Linear(256, 64)).to(torch.bfloat16)  # the last: too narrow
     L.measure_gemv([model], 4)
-    assert offered == [("gemv:1024x512:4:bfloat16:cpu", ["gemv", "linear"]), ("gemv:512x1024:4:bfloat16:cpu", ["gemv", "linear"])]
+    kernels = ["aten", "gemv", "linear"] if torch.backends.mkldnn.is_available() else ["gemv", "linear"]
+    assert offered == [("decode:1024x512:4:bfloat16:cpu", kernels), ("decode:512x1024:4:bfloat16:cpu", kernels)]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not use_gemv(torch.zeros(4, 512, dtype=torch.bfloat16), model[0].weight)  # measured slower here
     assert use_gemv(torch.zeros(4, 1024, dtype=torch.bfloat16), model[1].weight)

@@ -172,7 +172,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`x @ weight.T + bias` `[..., out]`, computed in x's dtype whatever the weight's storage dtype."""
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
-    if torch.is_grad_enabled() and weight.dtype != x.dtype and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    trains = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and weight.dtype != x.dtype and trains:
         return StoredWeightProduct.apply(x, weight, bias)
     # as one [rows, in] matrix: F.linear over a 3-D x without a bias is `matmul`, which for some inputs (a
     # strided slice, inference-mode weights that require grad) broadcasts W to a batched product and copies

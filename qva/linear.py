@@ -593,7 +593,7 @@ INT4_ROW_BLOCK = 64
 INT4_GROUPS = (32, 64, 128, 256)
 
 
-QUANTIZE_ROWS = 512  # rows quantized at a time: the fp32 temporaries stay a few MB, not several copies of a weight
+QUANTIZE_ROWS = 128  # rows quantized at a time: the fp32 temporaries stay ~1–5 MB, not several copies of a weight
 
 
 def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 from pathlib import Path
@@ -36,6 +38,20 @@ from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
 QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "audio_encoder.layers."}  # stacks' linears
 WHISPER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Build modules on the meta device (no memory) without running `nn.init.normal_`: on meta it goes through
+    `torch._refs`, whose first call imports torch._dynamo and sympy, ~90 MiB of resident memory (a third of a
+    2B decoder layer's weights, counted against every load's peak) for values that are overwritten anyway."""
+    saved = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.init.normal_ = saved
 
 
 def load(
@@ -84,7 +100,7 @@ def load(
     if stored is not None:
         quantize, quantize_modules, group_size = stored["format"], tuple(stored["modules"]), stored.get("group_size", group_size)
     check_quantize(quantize, quantize_modules, group_size)
-    with torch.device("meta"):
+    with on_meta():
         model = QVAModel(cfg)
     targets = quantization_targets(model, quantize, quantize_modules, group_size)
     if fresh_graft:
@@ -209,7 +225,7 @@ def load_whisper_encoder(
     prefix = next((p for p in WHISPER_PREFIXES if ckpt.names(p)), None)
     if prefix is None:
         raise CheckpointError(f"{path}: no Whisper encoder tensors (expected names under {' or '.join(WHISPER_PREFIXES)})")
-    with torch.device("meta"):
+    with on_meta():
         model = WhisperEncoder(cfg)
     try:
         load_into(model, ckpt, prefix=prefix, dtype=dtype, device=device)

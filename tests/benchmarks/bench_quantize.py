@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--batches", default="1", help="comma-separated batch sizes for the decode rows")
     p.add_argument("--compile", action="store_true", help="also time qva's compiled decode step")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--load-only", action="store_true", help="only the quantize-on-load rows")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("bench_results_quantize.json"))
     args = p.parse_args()
@@ -93,6 +94,9 @@ def main() -> None:
         print(f"load {fmt or 'bf16':5s}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_over_base'] / 2**30:.2f} GiB = held "
               f"{r['held'] / 2**30:.2f} GiB + {(r['peak_rss_over_base'] - r['held']) / 2**20:.0f} MiB (one bf16 layer: "
               f"{layer / 2**20:.0f} MiB)", flush=True)
+
+    if args.load_only:
+        return
 
     from transformers import Qwen2VLForConditionalGeneration
 

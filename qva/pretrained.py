@@ -17,7 +17,6 @@ the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 from pathlib import Path
@@ -29,7 +28,13 @@ from weights_loader import Checkpoint, CheckpointError, assert_materialized, loa
 from weights_loader.writer import save_checkpoint
 
 from .adapters import apply_adapter, base_of, is_adapter_folder
-from .linear import INT4_GROUPS, INT4_ROW_BLOCK, QUANTIZED_LINEARS, Linear, clear_scratch
+from .linear import (
+    INT4_GROUPS,
+    INT4_ROW_BLOCK,
+    QUANTIZED_LINEARS,
+    Linear,
+    clear_scratch,
+)
 from .model import QVAModel
 from .processor import Processor
 from .qwen2vl_config import Qwen2VLConfig

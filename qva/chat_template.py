@@ -44,7 +44,7 @@ def check_messages(messages) -> None:
             raise ValueError(f"message {i}: 'role' must be a string, got {type(m['role']).__name__}")
         content = m["content"]
         if isinstance(content, str):
-            _check_text(content, f"message {i} content")
+            check_text(content, f"message {i} content")
             continue
         if not isinstance(content, list):
             raise ValueError(f"message {i}: 'content' must be a string or a list of items, got {type(content).__name__}")
@@ -54,10 +54,10 @@ def check_messages(messages) -> None:
             if media_type(item) is None:
                 if "text" not in item:
                     raise ValueError(f"message {i} item {j}: neither text nor image/video/audio (keys {sorted(item)})")
-                _check_text(item["text"], f"message {i} item {j} text")
+                check_text(item["text"], f"message {i} item {j} text")
 
 
-def _check_text(text, where: str) -> None:
+def check_text(text, where: str) -> None:
     if not isinstance(text, str):
         raise ValueError(f"{where}: must be a string, got {type(text).__name__}")
     try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import chat_template
 from ..audio import AudioError, load_audio
 
 AUDIO_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC"}
@@ -192,12 +193,11 @@ def parse_messages(messages, limits: Limits, fetch=None) -> tuple[list[dict], in
 
 
 def _check_text(text, where: str) -> None:
-    if not isinstance(text, str):
-        raise bad(f"{where} must be a string", where, "invalid_type")
+    """The chat template's check (a string, valid Unicode), answered as a 400 naming the field."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad(f"{where} is not valid Unicode (a lone surrogate)", where) from None
+        chat_template.check_text(text, where)
+    except ValueError as e:
+        raise bad(str(e), where, "invalid_type" if not isinstance(text, str) else "invalid_value") from None
 
 
 # -- media ----------------------------------------------------------------------------------------------

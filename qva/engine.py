@@ -101,8 +101,8 @@ class Engine:
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row for the first n = len(ids) rows `[n]` → their next-token logits `[n, V]`."""
         n = ids.shape[0]
-        if any(self.length[r] >= self.max_len for r in range(n) if self.length[r]):
-            full = [r for r in range(n) if self.length[r] >= self.max_len]
+        full = [r for r in range(n) if self.length[r] >= self.max_len]
+        if full:
             raise ValueError(f"rows {full} have used all {self.max_len} cache slots")
         m = self.bucket(n)
         if m not in self.decoders:

@@ -93,7 +93,7 @@ def cpu_has_fast_half_matmul() -> bool:
             return _cpu_flags_say_fast_half_matmul()
         x, w = torch.randn(128, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
         with torch.no_grad():
-            choice = fastest(f"half-matmul:bf16:128x1024x1024:t{torch.get_num_threads()}",
+            choice = fastest("half-matmul:bf16:128x1024x1024",  # the cache file is per thread count already
                              {"half": lambda: F.linear(x, w), "float32": lambda: F.linear(x.float(), w.float())})
         _FAST_HALF_MATMUL = choice == "half"
     return _FAST_HALF_MATMUL
@@ -824,10 +824,8 @@ class Int4Linear(nn.Module):
 
             candidates["aten"] = aten
 
-        def dequant(x2):
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():
-                return F.linear(x2, self.dequantized(x.dtype))
-            out = scratch((self.out_features, self.in_features), x.dtype, x.device, "dequantize")
+        def dequant(x2):  # under autograd F.linear keeps the weight for backward: a fresh one, not the kept buffer
+            out = None if torch.is_grad_enabled() else _dequantize_out((self.out_features, self.in_features), x)
             return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, out))
 
         candidates["dequant"] = dequant

@@ -129,8 +129,7 @@ class Server:
                     kind, value = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if request is not None and await request.is_disconnected():
-                        self.scheduler.cancel(job)
-                        return
+                        return  # the finally below cancels the job
                     continue
                 if kind == "error":
                     raise value
@@ -142,8 +141,7 @@ class Server:
                 text.push(value)
                 full = text.text
                 hits = [i for i in (full.find(s, max(sent - hold, 0)) for s in req.stop) if i >= 0]
-                if hits:
-                    self.scheduler.cancel(job)
+                if hits:  # the finally below cancels the job, freeing its row
                     if min(hits) > sent:
                         yield "text", full[sent:min(hits)]
                     yield "done", "stop"

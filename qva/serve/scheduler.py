@@ -195,9 +195,8 @@ class Scheduler:
             self._next(row, job, logits[row : row + 1])
 
     def _next(self, row: int, job: Job, logits: torch.Tensor) -> None:
-        """Sample the job's next token from `[1, V]` logits, hand it over, finish the job if it is done."""
-        if job.cancelled:
-            return self._finish(row, None)
+        """Sample the job's next token from `[1, V]` logits, hand it over, finish the job if it is done (a job
+        cancelled meanwhile is dropped at the start of the next loop, `_drop_cancelled`)."""
         token = int(sample_next(logits, job.history, job.do_sample, job.temperature, job.top_k, job.top_p,
                                 job.repetition_penalty, job.generator)[0])
         job.produced += 1

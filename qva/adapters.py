@@ -4,7 +4,10 @@ A folder holds `adapter_config.json` (PEFT's `LoraConfig` fields: `peft_type` "L
 `lora_dropout`, `target_modules`, `base_model_name_or_path`) and `adapter_model.safetensors` with the
 factors under PEFT's names. A qva training run also puts the trained audio projector beside them
 (`audio_projector.safetensors`), so `qva.load(folder)` gives the trained model: the base named in the
-config, the projector, then the adapter.
+config, the projector, then the adapter. An adapter trained on a fresh graft (a plain Qwen2-VL plus
+`--whisper`) records that graft in `audio_graft.json` (the Whisper checkpoint, `audio_frames`,
+`audio_pool`), so loading grafts the same encoder first. Paths are recorded relative to the adapter
+folder when the two sit under one parent (moving `runs/` keeps them valid), absolute otherwise.
 
 Key forms: PEFT on transformers 5 names the LLM `model.language_model.layers.N…` under `base_model.model.`
 and loads nothing (it only warns) from the older `base_model.model.model.layers.N…`; we write the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +31,7 @@ from weights_loader.writer import atomic_folder
 
 from .linear import QUANTIZED_LINEARS, Linear, add_lora, lora_linears
 
-CONFIG, WEIGHTS, PROJECTOR = "adapter_config.json", "adapter_model.safetensors", "audio_projector.safetensors"
+CONFIG, WEIGHTS, PROJECTOR, GRAFT = "adapter_config.json", "adapter_model.safetensors", "audio_projector.safetensors", "audio_graft.json"
 PEFT_PREFIX = "base_model.model."
 HF5 = (("model.", "model.language_model."), ("visual.", "model.visual."))  # (qva prefix, transformers-5 prefix)
 
@@ -81,8 +85,49 @@ def base_of(folder: Path) -> Path:
         raise CheckpointError(f"{folder / CONFIG}: no base_model_name_or_path: load the base with qva.load(base, adapter={str(folder)!r})")
     path = Path(base) if Path(base).is_absolute() else folder / base
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{folder / CONFIG}: base model {base!r} not found (looked in {path})")
-    return path
+        raise CheckpointError(f"{folder / CONFIG}: base model {base!r} not found (looked in {os.path.normpath(path)}): point to it "
+                              f"with qva.load(BASE, adapter={str(folder)!r}) or qva-train merge/eval BASE --adapter {folder}")
+    return Path(os.path.normpath(path))
+
+
+def path_ref(target: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """How `folder` records `target`: relative when both sit under the folder's parent, else absolute."""
+    target, folder = Path(os.path.abspath(target)), Path(os.path.abspath(folder))
+    if folder.parent == target or folder.parent in target.parents:
+        return os.path.relpath(target, folder)
+    return str(target)
+
+
+def graft_of(folder: Path, whisper: str | os.PathLike | None = None) -> dict | None:
+    """The fresh graft an adapter was trained on (`audio_graft.json`), its Whisper path resolved (`whisper`
+    overrides it); None for an adapter of a model that had its encoder already."""
+    file = folder / GRAFT
+    if not file.is_file():
+        if (folder / PROJECTOR).is_file() and whisper is None:
+            raise CheckpointError(f"{folder / PROJECTOR}: the base model has no audio encoder and {folder} records no Whisper "
+                                  f"checkpoint ({GRAFT}): load it with qva.load(BASE, whisper=WHISPER, adapter={str(folder)!r})")
+        return None
+    try:
+        graft = json.loads(file.read_text())
+        frames, pool, ref = graft["audio_frames"], int(graft["audio_pool"]), graft["whisper"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: cannot read the graft record ({type(e).__name__}: {e})") from None
+    if whisper is None:
+        whisper = Path(ref) if Path(ref).is_absolute() else folder / ref
+        if not (Path(whisper) / "config.json").is_file():
+            raise CheckpointError(f"{file}: Whisper checkpoint {ref!r} not found (looked in {os.path.normpath(whisper)}): point to it "
+                                  f"with qva.load({str(folder)!r}, whisper=WHISPER) or qva-train merge/eval --whisper WHISPER")
+    return {"whisper": Path(os.path.normpath(whisper)), "audio_frames": frames, "audio_pool": pool, "seed": int(graft.get("seed", 0))}
+
+
+def targets_match(targets, module: str) -> bool:
+    """Whether PEFT's `target_modules` (a list of names or suffixes, a regex, or "all-linear") covers `module`."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        peft_form = to_peft_name(module).removeprefix(PEFT_PREFIX)
+        return bool(re.fullmatch(targets, module) or re.fullmatch(targets, peft_form))
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def apply_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
@@ -99,6 +144,19 @@ def apply_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
             if leaf not in ("A.weight", "B.weight"):
                 raise CheckpointError(f"{folder / WEIGHTS}: tensor {key!r} is not a LoRA factor (lora_A / lora_B weight)")
             by_module.setdefault(module, {})[leaf[0]] = key
+        if not by_module:
+            raise CheckpointError(f"{folder / WEIGHTS}: holds no LoRA tensors")
+        targets = cfg.get("target_modules")
+        if targets is not None and not isinstance(targets, (str, list)):
+            raise CheckpointError(f"{folder / CONFIG}: field 'target_modules' must be a list of names or a regex, got {targets!r}")
+        outside = [m for m in sorted(by_module) if not targets_match(targets, m)]
+        if outside:
+            raise CheckpointError(f"{folder / WEIGHTS}: LoRA tensors for {outside[:3]} ({len(outside)} modules) are not in "
+                                  f"target_modules {targets!r} of {CONFIG}")
+        if isinstance(targets, list):
+            unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in by_module)]
+            if unused:
+                raise CheckpointError(f"{folder / CONFIG}: target_modules names {unused} but {WEIGHTS} has no LoRA tensors for them")
         for module_name, keys in sorted(by_module.items()):
             try:
                 linear = model.get_submodule(module_name)
@@ -112,22 +170,38 @@ def apply_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
                 info = ckpt.info(keys[part])
                 if tuple(info.shape) != tuple(factor.shape):
                     raise CheckpointError(f"{folder / WEIGHTS}: {keys[part]} has shape {list(info.shape)}, expected {list(factor.shape)}")
+                value = ckpt.read(keys[part])
+                if not bool(torch.isfinite(value).all()):
+                    raise CheckpointError(f"{folder / WEIGHTS}: {keys[part]} holds NaN or infinite values")
                 with torch.no_grad():
-                    factor.copy_(ckpt.read(keys[part]))
+                    factor.copy_(value)
     if (folder / PROJECTOR).is_file():
         if getattr(model, "audio_projector", None) is None:
             raise CheckpointError(f"{folder / PROJECTOR}: the base model has no audio projector")
         with Checkpoint(folder / PROJECTOR) as ckpt:
             weight = ckpt.read("audio_projector.weight", dtype=torch.float32)
+        if not bool(torch.isfinite(weight).all()):
+            raise CheckpointError(f"{folder / PROJECTOR}: audio_projector.weight holds NaN or infinite values")
         if weight.shape != model.audio_projector.weight.shape:
             raise CheckpointError(f"{folder / PROJECTOR}: shape {list(weight.shape)}, the model's projector is {list(model.audio_projector.weight.shape)}")
         model.audio_projector.weight = nn.Parameter(weight.to(model.audio_projector.weight.device))
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base: str | os.PathLike | None,
-                 projector: bool = True, files: dict[str, str] | None = None) -> Path:
+                 projector: bool = True, files: dict[str, str] | None = None, graft: dict | None = None) -> Path:
     """Write the model's LoRA factors (and, with `projector`, its audio projector) as a PEFT-layout folder,
-    atomically. `base` goes into `base_model_name_or_path`."""
+    atomically (a new or empty folder, or an adapter folder written before). `base` goes into
+    `base_model_name_or_path`; `graft` ({"whisper", "audio_frames", "audio_pool"}) records a fresh graft."""
+    with atomic_folder(folder, "adapter") as tmp:
+        write_adapter_files(model, tmp, base, projector, files, graft, at=folder)
+    return Path(os.path.abspath(folder))
+
+
+def write_adapter_files(model: nn.Module, folder: Path, base: str | os.PathLike | None, projector: bool = True,
+                        files: dict[str, str] | None = None, graft: dict | None = None, at: str | os.PathLike | None = None) -> None:
+    """What `save_adapter` writes, into an existing (temporary) folder; paths are recorded as seen from `at`,
+    the folder's final place."""
+    at = at or folder
     linears = lora_linears(model)
     if not linears:
         raise ValueError("the model has no LoRA factors to save")
@@ -135,7 +209,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base: str | os.Pat
     rank = first.lora_A.out_features
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None if base is None else str(base),
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None if base is None else path_ref(base, at),
         "r": rank, "lora_alpha": first.lora_scaling * rank, "lora_dropout": dropout,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in linears}), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
@@ -145,12 +219,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base: str | os.Pat
     for name, linear in linears.items():
         for part in ("A", "B"):
             tensors[to_peft_name(f"{name}.lora_{part}.weight")] = getattr(linear, f"lora_{part}").weight.detach().contiguous().cpu()
-    with atomic_folder(folder) as tmp:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        if projector and getattr(model, "audio_projector", None) is not None:
-            save_file({"audio_projector.weight": model.audio_projector.weight.detach().contiguous().cpu()}, tmp / PROJECTOR,
-                      metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-    return Path(folder)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    if projector and getattr(model, "audio_projector", None) is not None:
+        save_file({"audio_projector.weight": model.audio_projector.weight.detach().contiguous().cpu()}, folder / PROJECTOR,
+                  metadata={"format": "pt"})
+    if graft is not None:
+        record = {"whisper": path_ref(graft["whisper"], at), "audio_frames": graft["audio_frames"], "audio_pool": graft["audio_pool"]}
+        (folder / GRAFT).write_text(json.dumps(record, indent=2))
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)

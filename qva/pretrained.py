@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from weights_loader import Checkpoint, CheckpointError, assert_materialized, load_into
-from weights_loader.writer import save_checkpoint
+from weights_loader.writer import atomic_folder, tensor_bytes, write_checkpoint_files
 
-from .adapters import apply_adapter, base_of, is_adapter_folder
+from .adapters import apply_adapter, base_of, graft_of, is_adapter_folder
 from .linear import (
     INT4_GROUPS,
     INT4_ROW_BLOCK,
@@ -83,10 +83,14 @@ def load(
     is read (int4 in groups of `group_size` along the input; biases, norms and embeddings keep `dtype`); a
     folder that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
     `progress(done, total)` is called as tensors load."""
+    dtype, device = check_dtype(dtype), check_device(device)
     path = Path(path)
     if adapter is None and is_adapter_folder(path):
         adapter, path = path, base_of(path)
     cfg = Qwen2VLConfig.from_pretrained(path)
+    graft = graft_of(Path(adapter), whisper) if adapter is not None and cfg.audio is None else None
+    if graft is not None:  # an adapter trained on a fresh graft: graft the same Whisper the same way first
+        whisper, audio_frames, audio_pool, seed = graft["whisper"], graft["audio_frames"], graft["audio_pool"], graft["seed"]
     fresh_graft = whisper is not None
     if fresh_graft:
         if cfg.audio is not None:
@@ -143,6 +147,39 @@ def load(
         apply_adapter(model, adapter)
     model.processor = processor
     return model.eval()
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """`dtype` as a floating torch dtype (a name such as "bf16" is accepted), else a `ValueError` saying what is."""
+    if dtype is None or dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.lower()]
+    raise ValueError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 (or one of {sorted(DTYPE_NAMES)}), got {dtype!r}")
+
+
+def check_device(device) -> torch.device | None:
+    """`device` as a torch device this machine has, else a `ValueError` naming it."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: CUDA is not available on this machine (torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta", "xpu"):
+        raise ValueError(f"device={str(device)!r}: qva runs on 'cpu', 'cuda' or 'mps'")
+    return dev
 
 
 def check_quantize(quantize: str | None, modules: tuple[str, ...], group_size: int) -> None:
@@ -243,7 +280,16 @@ def load_whisper_encoder(
 
 def save(model: QVAModel, path: str | os.PathLike, processor: Processor | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write `model` (and its processor's tokenizer and preprocessing configs) to one folder, atomically.
-    LoRA factors are not part of it: merge them first (`linear.merge_lora`) or save them as an adapter."""
+    LoRA factors are not part of it: merge them first (`linear.merge_lora`) or save them as an adapter.
+    `path` must be new, empty, or a folder `save` wrote before (then only its files are replaced; anything
+    else in it stays); a file, a link or a folder of other files is refused (`WriteError`)."""
+    with atomic_folder(path, "model", need=tensor_bytes(model.state_dict())) as tmp:
+        write_model_files(model, tmp, processor, max_shard_bytes)
+    return Path(os.path.abspath(path))
+
+
+def write_model_files(model: QVAModel, folder: Path, processor: Processor | None = None, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """What `save` writes, into an existing (temporary) folder."""
     processor = processor or getattr(model, "processor", None)
     tied = model.config.tie_word_embeddings
     tensors = {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight") and ".lora_" not in n}
@@ -253,4 +299,4 @@ def save(model: QVAModel, path: str | os.PathLike, processor: Processor | None =
     quantization = model_quantization(model)
     if quantization is not None:
         config["quantization_config"] = quantization
-    return save_checkpoint(path, tensors, config, files, max_shard_bytes)
+    write_checkpoint_files(folder, tensors, config, files, max_shard_bytes)

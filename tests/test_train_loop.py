@@ -14,7 +14,7 @@ from conftest import Reference, max_rel_err, rel_l2
 import qva
 import qva.train.loop as loop
 from qva.audio import load_audio, log_mel
-from qva.linear import add_lora, lora_linears, set_policy
+from qva.linear import LORA_TARGETS, add_lora, lora_linears, set_policy
 from qva.train.cli import main as train_cli
 from qva.train.loop import TrainConfig, TrainError, train
 from weights_loader import Checkpoint
@@ -61,7 +61,7 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
             lin.lora_A.weight.copy_(0.3 * torch.randn(lin.lora_A.weight.shape, generator=g))
             lin.lora_B.weight.copy_(0.3 * torch.randn(lin.lora_B.weight.shape, generator=g))
     ref_llm = copy.deepcopy(ref_qwen)
-    peft = get_peft_model(ref_llm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(loop.LORA_TARGETS)))
+    peft = get_peft_model(ref_llm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
     ref_params = dict(peft.named_parameters())
     for name, lin in lora_linears(model).items():
         hf = "base_model.model." + name.replace("model.layers.", "model.language_model.layers.", 1)
@@ -97,7 +97,7 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
 
 def lora_linears_after(model, rank, alpha):
     for name, module in model.model.named_modules():
-        if name.rsplit(".", 1)[-1] in loop.LORA_TARGETS:
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS:
             add_lora(module, rank, alpha)
     return lora_linears(model)
 

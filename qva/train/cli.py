@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 from .augment import AugmentConfig
-from .loop import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError, train
+from .config import DTYPES, FREEZABLE, RESULT_CHANGING, STAGES, TrainConfig, TrainError
+from .loop import train
+from .stop import Aborted, Preempted
 
 DEFAULTS = TrainConfig(stage="1", model="", train="", out="", steps=1)
 
@@ -29,6 +31,10 @@ def floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip().replace("-", "_") for t in text.split(",") if t.strip())
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -76,6 +82,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last intact checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds a previous run (its checkpoints, metrics and output are replaced)")
+    p.add_argument("--allow-changes", type=names, default=(),
+                   help=f"with --resume: settings that may differ from the run's record, e.g. lr,steps ({', '.join(RESULT_CHANGING)})")
     p.add_argument("--cache", help="Whisper-row cache folder ('none': off; default ~/.cache/qva/whisper-rows)")
     a = AugmentConfig()
     p.add_argument("--speed-perturb", type=floats, default=a.speeds, help="augment: speed factors, e.g. 0.9,1.0,1.1")
@@ -107,15 +117,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_seq_len=args.max_seq_len, strict=args.strict, eval_every=args.eval_every, eval_limit=args.eval_limit,
         eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, keep_best=not args.no_keep_best,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every, resume=args.resume,
-        cache=args.cache, augment=augment,
+        cache=args.cache, augment=augment, overwrite=args.overwrite, allow_changes=args.allow_changes,
     )
+
+
+def add_relocation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="the base model of a stage-2 run folder, where it has moved since training")
+    p.add_argument("--whisper", help="the Whisper checkpoint a stage-2 run grafted, where it has moved since training")
+
+
+def load_relocated(args):
+    """MODEL (a run folder, an adapter folder or a checkpoint), with --adapter, --base or --whisper applied."""
+    from ..pretrained import load
+
+    if getattr(args, "adapter", None) and args.base:
+        raise TrainError("give --adapter (MODEL is the base) or --base (MODEL is the run folder), not both")
+    if args.base:
+        return load(args.base, adapter=args.model, whisper=args.whisper)
+    return load(args.model, adapter=getattr(args, "adapter", None), whisper=args.whisper)
 
 
 def eval_main(argv: list[str]) -> int:
     """`qva-train eval DIR --data test.jsonl [--json]`: exact match and WER of greedy answers."""
     import torch
 
-    from ..pretrained import load
     from .data import describe_skipped, encode_all, fill_audio_rows, read_manifest
     from .evaluate import evaluate
 
@@ -128,10 +153,11 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, help="score the first N samples")
     p.add_argument("--cache", help="Whisper-row cache folder ('none': off)")
+    add_relocation_flags(p)
     args = p.parse_args(argv)
     run_cfg = Path(args.model) / "train_config.json"
     prompt = args.prompt or (TrainConfig.from_json(run_cfg.read_text()).prompt if run_cfg.is_file() else None)
-    model = load(args.model)
+    model = load_relocated(args)
     if model.processor is None:
         raise TrainError(f"{args.model}: no tokenizer.json")
     examples, bad = read_manifest(args.data, prompt)
@@ -153,14 +179,15 @@ def eval_main(argv: list[str]) -> int:
 def merge_main(argv: list[str]) -> int:
     """`qva-train merge DIR --out OUT`: fold a run's LoRA adapter into its base; write one qva.save folder."""
     from ..linear import lora_linears, merge_lora
-    from ..pretrained import load, save
+    from ..pretrained import save
 
     p = argparse.ArgumentParser(prog="qva-train merge", description=merge_main.__doc__)
     p.add_argument("model", help="a stage-2 run folder (or base + --adapter)")
     p.add_argument("--adapter", help="an adapter folder to apply to MODEL")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder (or one merge wrote before)")
+    add_relocation_flags(p)
     args = p.parse_args(argv)
-    model = load(args.model, adapter=args.adapter)
+    model = load_relocated(args)
     linears = lora_linears(model)
     if not linears:
         raise TrainError(f"{args.model}: no LoRA adapter to merge")
@@ -173,6 +200,7 @@ def merge_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from weights_loader import CheckpointError
+    from weights_loader.writer import WriteError
 
     from ..audio import AudioError
     from .data import DataError
@@ -186,9 +214,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(train_parser().parse_args(argv))
         summary = train(cfg)
         print(json.dumps(summary))
-    except (TrainError, DataError, CheckpointError, AudioError, ValueError, FileNotFoundError) as e:
+    except Preempted as e:
+        print(f"qva-train: {e}\nresume with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + e.signum
+    except Aborted as e:
+        print(f"qva-train: {e}; the last intact checkpoint is kept", file=sys.stderr)
+        return 128 + e.signum
+    except (TrainError, DataError, CheckpointError, AudioError, WriteError, ValueError, FileNotFoundError) as e:
         print(f"qva-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments with --resume (and without --overwrite)."""
+    import os
+    import shlex
+
+    args = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "the same torchrun command with these arguments: " + shlex.join(args)
+    return shlex.join(["qva-train", *args])

@@ -101,3 +101,12 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor) and value.shape == param.shape:
         return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
     return value.to(param.device)
+
+
+def finite(params) -> bool:
+    """Whether every value of this rank's part of `params` is finite (one fused reduction)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params]
+    norms = torch._foreach_norm([t for t in local if t.numel()])
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True

@@ -23,117 +23,27 @@ run's losses and weights equal an uninterrupted run's bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from weights_loader.writer import atomic_folder
-
-from ..adapters import save_adapter
 from ..audio import SAMPLE_RATE, load_audio
 from ..demo import cache_dir
-from ..linear import LORA_TARGETS, add_lora, lora_linears
-from ..pretrained import load, save
+from ..linear import add_lora, lora_linears
+from ..pretrained import load
 from . import dist as D
-from .augment import AugmentConfig, augment_wave, spec_augment
-from .data import Example, Sample, collate, describe_skipped, encode, encode_all, fill_audio_rows, read_manifest
+from .augment import augment_wave, spec_augment
+from .checkpoints import latest_intact, load_checkpoint, prune, save_checkpoint
+from .config import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError  # noqa: F401  (re-exported: qva.train.loop.TrainConfig)
+from .data import (Example, Sample, check_max_seq_len, collate, describe_skipped, encode, encode_all, fill_audio_rows,
+                   read_manifest)
 from .evaluate import evaluate
-
-STAGES = ("1", "2", "lm")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FREEZABLE = ("embeddings", "lm_head")
-RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "tensorboard")
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or go on: the message says why (and, mid-run, at which step)."""
-
-
-@dataclass
-class TrainConfig:
-    stage: str
-    model: str  # Qwen2-VL checkpoint, saved graft, or (stage 2) a stage-1 output
-    train: str  # JSONL manifest
-    out: str  # run folder: checkpoints, metrics, and the trained model at the end
-    whisper: str | None = None  # graft this Whisper on first (stage 1 on a plain Qwen2-VL)
-    eval: str | None = None  # dev manifest: loss, exact match and WER every `eval_every` steps
-    prompt: str | None = "Transcribe the audio."  # the user text of short {"audio", "text"} lines
-    audio_pool: int = 1  # for a fresh graft: encoder frames averaged into one token
-    audio_frames: str = "valid"
-    dtype: str = "fp32"  # storage dtype of the frozen weights (trainable ones are fp32)
-    whisper_dtype: str | None = None  # the frozen encoder's dtype (default: dtype)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    qlora: bool = False  # the LLM's linear weights stored in NF4 (QLoRA); LoRA and the projector train in fp32
-    lr: float = 1e-3
-    projector_lr: float | None = None  # stage 2: the projector's own learning rate (default: lr)
-    weight_decay: float = 0.0  # AdamW decay on matrices (never on norms or biases)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr · this
-    steps: int | None = None  # or epochs
-    epochs: float | None = None
-    batch_size: int = 8  # samples per forward (per process)
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    freeze: tuple[str, ...] = ()  # stage lm: parts kept frozen (embeddings, lm_head)
-    activation_checkpointing: bool = False
-    fsdp: bool = False  # several processes: shard the model with FSDP2 (per decoder layer) instead of replicating it
-    device: str = "cpu"  # or "cuda" (each torchrun process takes its LOCAL_RANK's GPU)
-    max_seq_len: int = 4096
-    strict: bool = False
-    eval_every: int = 0  # 0: only at the end
-    eval_limit: int | None = None  # score the first N dev samples (loss uses all)
-    eval_batch_size: int = 32
-    max_new_tokens: int = 32
-    keep_best: bool = True  # with eval: the output is the checkpoint with the best dev exact match
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    log_every: int = 10
-    resume: bool = False
-    cache: str | None = None  # Whisper-row cache folder ("none": off); default ~/.cache/qva/whisper-rows
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def check(self) -> None:
-        if self.stage not in STAGES:
-            raise TrainError(f"stage must be one of {list(STAGES)}, got {self.stage!r}")
-        if (self.steps is None) == (self.epochs is None):
-            raise TrainError("give the length of the run as steps or as epochs (one of them)")
-        for name in ("batch_size", "grad_accum", "lora_rank", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainError(f"lr must be a positive number, got {self.lr}")
-        unknown = set(self.freeze) - set(FREEZABLE)
-        if unknown:
-            raise TrainError(f"freeze takes {list(FREEZABLE)}, got {sorted(unknown)}")
-        if self.dtype not in DTYPES or (self.whisper_dtype or self.dtype) not in DTYPES:
-            raise TrainError(f"dtype must be one of {list(DTYPES)}")
-        if self.fsdp and self.augment.on:
-            raise TrainError("augmentation re-encodes audio with the encoder outside the sharded forward: not with --fsdp")
-        if self.qlora and self.stage == "lm":
-            raise TrainError("--qlora stores the LLM's weights in NF4, frozen: it goes with stage 1 or 2, not stage lm")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        d = json.loads(text)
-        d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("augment", {}).items()})
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-
+from .run import claim, write_output
+from .stop import Preempted, StopFlag
 
 # -- the model and what trains --------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, device=None):
@@ -263,89 +173,22 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# -- checkpoints ---------------------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, state: dict, d: D.Dist = D.Dist()) -> None:
-    """Atomically: trainable weights, optimizer state keyed by parameter name, RNG, step and data position,
-    then a manifest of the files' SHA-256 (a checkpoint without a matching manifest is not used).
-    Every rank calls it (sharded tensors are gathered); rank 0 writes."""
-    weights = {n: D.full(p.detach()).cpu().contiguous() for n, p in params.items()}
-    names = {id(p): n for n, p in params.items()}
-    opt_tensors = {"__rng__.torch": torch.get_rng_state()}
-    for p, s in opt.state.items():
-        for key, value in s.items():
-            value = D.full(value.detach()).cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            opt_tensors[f"{names[id(p)]}::{key}"] = value
-    if d.main:
-        with atomic_folder(folder) as tmp:
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-            (tmp / "manifest.json").write_text(json.dumps(digests, indent=2))
-    D.barrier(d)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def intact(folder: Path) -> bool:
-    try:
-        digests = json.loads((folder / "manifest.json").read_text())
-        return bool(digests) and all(_sha256(folder / name) == d for name, d in digests.items())
-    except (OSError, ValueError):
-        return False
-
-
-def latest_intact(run: Path, log) -> Path | None:
-    """The newest step checkpoint whose files match its manifest; corrupted ones are named and skipped."""
-    for folder in sorted((run / "checkpoints").glob("step-*"), reverse=True):
-        if intact(folder):
-            return folder
-        log(f"warning: {folder} is corrupted or incomplete (checksums do not match); using an earlier checkpoint")
-    return None
-
-
-def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW | None) -> dict:
-    weights = load_file(str(folder / "trainable.safetensors"))
-    if set(weights) != set(params):
-        raise TrainError(f"{folder}: holds {sorted(set(weights) ^ set(params))[:5]} ≠ this run's trainable set")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(D.like(weights[n], p))
-    if opt is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("__rng__.torch"))
-        for key, value in tensors.items():
-            name, slot = key.split("::")
-            p = params[name]
-            opt.state[p][slot] = D.like(value, p) if value.shape == p.shape else value
-    return json.loads((folder / "state.json").read_text())
-
-
-def prune(run: Path, keep: int) -> None:
-    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # -- logging -----------------------------------------------------------------------------------------------------------
 class Log:
     """A progress line on stderr, metrics as JSONL, and TensorBoard events when `tensorboard` is installed."""
 
-    def __init__(self, run: Path, quiet: bool = False):
+    def __init__(self, run: Path, quiet: bool = False, tensorboard: bool = True):
         self.metrics = run / "metrics.jsonl"
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        except ImportError:
-            self.tb = None
+                self.tb = SummaryWriter(str(run / "tensorboard"))
+            except ImportError:
+                pass
 
     def __call__(self, text: str) -> None:
         if not self.quiet:
@@ -376,12 +219,25 @@ class Log:
 # -- the run -----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run training as configured; returns a summary (steps, last loss, best dev scores, output folder).
-    Under `torchrun`, every process runs this; rank 0 logs and writes."""
+    Under `torchrun`, every process runs this; rank 0 logs and writes. SIGTERM / SIGINT stop it after the
+    current step with a checkpoint (`Preempted`); a second signal aborts at once."""
     cfg.check()
     d = D.setup(cfg.device)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    log = Log(run, quiet or not d.main)
+    run = Path(cfg.out).absolute()
+    # the run folder: refused unless new, empty or this run's; locked; settings recorded (rank 0)
+    owned = claim(cfg, log=lambda text: print(text, file=sys.stderr)) if d.main else None
+    D.barrier(d)
+    try:
+        with StopFlag() as stop:
+            return _train(cfg, d, run, Log(run, quiet or not d.main, tensorboard=d.main), stop, owned)
+    finally:
+        if owned is not None:
+            owned.release()
+
+
+def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, owned) -> dict:
+    for note in owned.notes if owned is not None else ():
+        log(note)
     torch.manual_seed(cfg.seed)
 
     # the model, and exactly the stage's trainable set
@@ -390,6 +246,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     log(f"stage {cfg.stage}: {cfg.model}" + (f" + {cfg.whisper}" if cfg.whisper else "") + (f", {d.world} processes" if d.world > 1 else "")
         + "\n" + trainable_table(model))
     processor = model.processor
+    check_max_seq_len(cfg.max_seq_len, model.config.text.max_position_embeddings)
 
     # data: encoded once; Whisper rows computed once (and cached) unless augmentation changes the audio
     examples, bad = read_manifest(cfg.train, cfg.prompt)
@@ -407,14 +264,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     cache = None if cfg.cache == "none" else Path(cfg.cache) if cfg.cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
         if d.main:  # rank 0 fills the cache; the others then read it
-            encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache)
+            encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)
             if encoded:
                 log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
         D.barrier(d)
         if not d.main:
-            fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache)
-    if d.main:
-        (run / "train_config.json").write_text(cfg.to_json())
+            fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)
     model = D.wrap(model, d, cfg.fsdp)
     params = dict(model.named_parameters()) if cfg.fsdp else params  # FSDP replaced them with sharded ones
     params = {n: params[n] for n in check_trainable(model, cfg)}
@@ -431,6 +286,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         if last is not None:
             state = load_checkpoint(last, params, opt)
             log(f"resumed from {last} (step {state['step']})")
+        else:
+            log(f"--resume: no intact checkpoint in {run / 'checkpoints'}; starting from step 0")
     best = state.get("best")
 
     model.train()
@@ -456,6 +313,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if D.all_sum(float(not D.finite(params.values())), d):  # checked before anything is saved from it
+            raise TrainError(f"step {step + 1}: the update made the trainable weights non-finite (loss {loss_value:.4g}); "
+                             f"stopped without saving (the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)")
         state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + per_step
         tokens_done += sum(int(b["attention_mask"].sum()) for b in batches) * d.world
 
@@ -475,10 +335,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 best = state["best"] = {"step": done, **scores}
                 if cfg.keep_best:
                     save_checkpoint(run / "checkpoints" / "best", params, opt, state, d)
-        if cfg.save_every and done % cfg.save_every == 0 or done == total:
+        stopping = D.all_sum(float(stop.signum is not None), d) > 0  # every rank stops after the same step
+        if cfg.save_every and done % cfg.save_every == 0 or done == total or stopping:
             save_checkpoint(run / "checkpoints" / f"step-{done:08d}", params, opt, state, d)
             if d.main:
                 prune(run, cfg.keep_last)
+        if stopping:
+            log.close()
+            raise Preempted(f"stopped by {stop.name or 'a signal on another rank'} after step {done} of {total}; "
+                            f"checkpoint {run / 'checkpoints' / f'step-{done:08d}'}", stop.signum or 15)
 
     # the output: the best checkpoint by dev score, or the last step
     if best is not None and cfg.keep_best and (run / "checkpoints" / "best").is_dir():
@@ -495,7 +360,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                     if n in trained:
                         p.copy_(trained[n])
     if d.main:
-        write_output(model, cfg, run)
+        graft = {"whisper": cfg.whisper, "audio_frames": cfg.audio_frames, "audio_pool": cfg.audio_pool} if cfg.whisper else None
+        write_output(model, cfg, run, graft)
     D.barrier(d)
     return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
 
@@ -545,7 +411,8 @@ def augmented(model, batch: list[Sample], cfg: TrainConfig, step: int, micro: in
                            if isinstance(item, dict) and "audio" in item else item for item in m["content"]]
                 m = {**m, "content": content}
             messages.append(m)
-        new = encode(Example(messages, s.example.where, s.example.meta), model.processor, cfg.max_seq_len)
+        # a slowed-down clip is longer than the sample that passed --max-seq-len: the model's context bounds it
+        new = encode(Example(messages, s.example.where, s.example.meta), model.processor, model.config.text.max_position_embeddings)
         feats = new.media.pop("input_features")
         valid = new.media.pop("audio_valid_frames")
         if cfg.augment.time_masks or cfg.augment.freq_masks:
@@ -569,20 +436,3 @@ def run_eval(model, processor, dev: list[Sample], cfg: TrainConfig, d: D.Dist = 
     result = evaluate(model, processor, scored, cfg.eval_batch_size, cfg.max_new_tokens)
     model.train(was_training)
     return {"eval_loss": loss_sum / max(n, 1), "exact_match": result["exact_match"], "wer": result["wer"], "n": result["n"]}
-
-
-def write_output(model, cfg: TrainConfig, run: Path) -> None:
-    """The trained model, loadable by `qva.load(run)`, written atomically with the run's own files kept
-    (hard-linked into the new folder, so nothing is lost if the write fails)."""
-    with atomic_folder(run) as tmp:
-        if cfg.stage == "2":
-            base = Path(cfg.model).resolve()
-            save_adapter(model, tmp, base)
-        else:
-            save(model, tmp)
-        for name in RUN_FILES:
-            src = run / name
-            if src.is_dir():
-                shutil.copytree(src, tmp / name, copy_function=os.link)
-            elif src.is_file():
-                os.link(src, tmp / name)

@@ -36,6 +36,7 @@ activations' dtype and saves only the codes for backward. `quantize_nf4_(module)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -646,6 +647,18 @@ def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     return {"weight_int4": packed, "weight_scales_zeros": sz}
 
 
+@functools.cache
+def int4_kernel_reads_stored_layout() -> bool:
+    """Whether this machine's PyTorch CPU int4 kernel reads the stored order (`int4_pack`). Its order depends on
+    the kernel PyTorch dispatches to (64-row blocks with AVX-512, 32-row blocks with AVX2 only); where it differs
+    the kernel is not offered and int4 products dequantize (a file's layout never depends on the machine)."""
+    probe = torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
+    try:
+        return torch.equal(int4_pack(probe), torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def check_int4_shape(in_features: int, out_features: int, group: int) -> None:
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
@@ -816,7 +829,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         candidates = {}
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and int4_kernel_reads_stored_layout():
             sz = self.weight_scales_zeros.to(x.dtype)
 
             def aten(x2):

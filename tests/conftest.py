@@ -278,6 +278,18 @@ def train_dirs(tmp_path_factory):
     return qwen, root / "qwen", whisper.model.encoder, root / "whisper", root / "train.jsonl"
 
 
+def train_config(train_dirs, tmp_path, stage="1", **kw):
+    """A short training run's settings on the `train_dirs` checkpoints (stage 1 grafts the Whisper)."""
+    from qva.train.config import TrainConfig
+
+    _, qwen, _, whisper, manifest = train_dirs
+    base = dict(stage=stage, model=str(qwen), whisper=str(whisper) if stage == "1" else None, train=str(manifest),
+                out=str(tmp_path / f"run{stage}"), steps=3, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                cache="none", log_every=1, prompt="Write the number.")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
 # -- a real qva-serve process ---------------------------------------------------------------------------------
 def free_port() -> int:
     import socket

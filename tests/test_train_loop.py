@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import Reference, max_rel_err, rel_l2
+from conftest import Reference, max_rel_err, rel_l2, train_config
 
 import qva
 import qva.train.loop as loop
@@ -20,13 +20,7 @@ from qva.train.loop import TrainConfig, TrainError, train
 from weights_loader import Checkpoint
 
 
-def config(train_dirs, tmp_path, stage="1", **kw) -> TrainConfig:
-    _, qwen, _, whisper, manifest = train_dirs
-    base = dict(stage=stage, model=str(qwen), whisper=str(whisper) if stage == "1" else None, train=str(manifest),
-                out=str(tmp_path / f"run{stage}"), steps=3, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                cache="none", log_every=1, prompt="Write the number.")
-    base.update(kw)
-    return TrainConfig(**base)
+config = train_config
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

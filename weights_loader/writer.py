@@ -231,7 +231,7 @@ def atomic_folder(target: str | os.PathLike, kind: str = "model", keep: tuple[st
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"{path.parent}: cannot create the folder ({e.strerror or e})") from None
-    check_space(path.parent, need)
+    check_space(path, need)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.qva-tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     except OSError as e:

@@ -1,7 +1,7 @@
 """Training checkpoints: `RUN/checkpoints/step-N/` (and `best/`), written atomically, checked before use.
 
 A checkpoint holds the trainable weights (`trainable.safetensors`), the optimizer state keyed by parameter
-name and the RNG state (`optimizer.safetensors`), the step, data position and best dev score
+name and every rank's RNG state (`optimizer.safetensors`), the step, data position and best dev score
 (`state.json`), and last a manifest of the files' SHA-256 (`manifest.json`). It is *intact* when every file
 matches its manifest and every tensor is finite; anything else is named and skipped on resume. A write
 that fails (a full disk) leaves the earlier checkpoints as they were.
@@ -30,7 +30,8 @@ def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: to
     writes. A failed write is a `TrainError` naming the folder and the last intact checkpoint."""
     weights = {n: D.full(p.detach()).cpu().contiguous() for n, p in params.items()}
     names = {id(p): n for n, p in params.items()}
-    opt_tensors = {"__rng__.torch": torch.get_rng_state()}
+    rngs = D.gather_rng(d)
+    opt_tensors = {"__rng__.torch": rngs[0], **{f"__rng__.torch.rank{r}": t for r, t in enumerate(rngs) if r}}
     for p, s in opt.state.items():
         for key, value in s.items():
             value = D.full(value.detach()).cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
@@ -102,7 +103,7 @@ def latest_intact(run: Path, log) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW | None) -> dict:
+def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW | None, rank: int = 0) -> dict:
     weights = load_file(str(folder / "trainable.safetensors"))
     if set(weights) != set(params):
         raise TrainError(f"{folder}: holds {sorted(set(weights) ^ set(params))[:5]} ≠ this run's trainable set")
@@ -114,7 +115,8 @@ def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: to
             p.copy_(D.like(weights[n], p))
     if opt is not None:
         tensors = load_file(str(folder / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("__rng__.torch"))
+        rng = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("__rng__.")]}
+        torch.set_rng_state(rng.get(f"__rng__.torch.rank{rank}", rng["__rng__.torch"]) if rank else rng["__rng__.torch"])
         for key, value in tensors.items():
             name, slot = key.split("::")
             p = params[name]

@@ -100,9 +100,9 @@ class TrainConfig:
             raise TrainError("augmentation re-encodes audio with the encoder outside the sharded forward: not with --fsdp")
         if self.resume and self.overwrite:
             raise TrainError("--resume continues the run in --out, --overwrite starts it again: give one of them")
-        unknown = set(self.allow_changes) - set(RESULT_CHANGING)
+        unknown = set(self.allow_changes) - {f.name for f in fields(self)} | (set(self.allow_changes) & set(FIXED))
         if unknown:
-            raise TrainError(f"allow_changes takes {sorted(RESULT_CHANGING)}, got {sorted(unknown)}"
+            raise TrainError(f"allow_changes takes setting names such as {', '.join(RESULT_CHANGING[:6])}, …, got {sorted(unknown)}"
                              + (f" ({sorted(unknown & set(FIXED))} cannot change on resume)" if unknown & set(FIXED) else ""))
         if self.qlora and self.stage == "lm":
             raise TrainError("--qlora stores the LLM's weights in NF4, frozen: it goes with stage 1 or 2, not stage lm")

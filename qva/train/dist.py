@@ -110,3 +110,13 @@ def finite(params) -> bool:
     local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params]
     norms = torch._foreach_norm([t for t in local if t.numel()])
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+def gather_rng(d: Dist) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state, in rank order (each rank draws its own dropout masks)."""
+    state = torch.get_rng_state()
+    if d.world == 1:
+        return [state]
+    out = [torch.empty_like(state) for _ in range(d.world)]
+    dist.all_gather(out, state)
+    return out

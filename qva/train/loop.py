@@ -284,7 +284,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     if cfg.resume:
         last = latest_intact(run, log)
         if last is not None:
-            state = load_checkpoint(last, params, opt)
+            state = load_checkpoint(last, params, opt, d.rank)
             log(f"resumed from {last} (step {state['step']})")
         else:
             log(f"--resume: no intact checkpoint in {run / 'checkpoints'}; starting from step 0")

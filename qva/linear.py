@@ -713,14 +713,14 @@ def _load_choices() -> dict[str, str]:
 def _store_choices() -> None:
     import json
 
+    from weights_loader.writer import WriteError, atomic_file
+
     path = kernel_cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_choices, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
-    except OSError:
-        pass  # a read-only home: choices are then measured once per process
+        atomic_file(path, json.dumps(_choices, indent=1, sort_keys=True))  # a reader sees the old file or the new one
+    except (OSError, WriteError):
+        pass  # a read-only home or a full disk: choices are then measured once per process
 
 
 def fastest(key: str, candidates: dict, repeats: int = 3) -> str:

@@ -102,6 +102,13 @@ def test_run_folder_loads_its_base_then_adapter(adapted, train_dirs, tmp_path):
     (lambda c, t: (c, {**t, "base_model.model.lm_head.weight": torch.zeros(2, 2)}), "is not a LoRA factor"),
     (lambda c, t: (c, {k: (v[:, :3] if k.endswith("q_proj.lora_A.weight") else v) for k, v in t.items()}), "has shape [4, 3], expected [4, 64]"),
     (lambda c, t: ({**c, "base_model_name_or_path": None}, t), "no base_model_name_or_path"),
+    (lambda c, t: (c, {k: (v * float("nan") if k.endswith("layers.0.self_attn.q_proj.lora_B.weight") else v) for k, v in t.items()}),
+     "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight holds NaN or infinite values"),
+    (lambda c, t: (c, {}), "holds no LoRA tensors"),
+    (lambda c, t: ({**c, "target_modules": ["q_proj"]}, t), "are not in target_modules ['q_proj']"),
+    (lambda c, t: ({**c, "target_modules": c["target_modules"] + ["fc9"]}, t),
+     "target_modules names ['fc9'] but adapter_model.safetensors has no LoRA tensors for them"),
+    (lambda c, t: ({**c, "target_modules": 7}, t), "field 'target_modules' must be a list of names or a regex, got 7"),
 ])
 def test_bad_adapters_are_checkpoint_errors(adapted, train_dirs, tmp_path, edit, message):
     _, folder = adapted
@@ -109,5 +116,6 @@ def test_bad_adapters_are_checkpoint_errors(adapted, train_dirs, tmp_path, edit,
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    assert not tensors or len(tensors) > 2  # the edits leave several factors: each refusal names the one that is wrong
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{").replace("}", r"\}")):
         qva.load(tmp_path / "bad") if "base_model_name_or_path" in message else qva.load(train_dirs[1], adapter=tmp_path / "bad")

@@ -236,6 +236,22 @@ def test_plain_model_and_errors(qwen_dir, whisper_dir, tmp_path):
         qva.load(qwen_dir[1], whisper=whisper_dir[1], audio_frames="some")
 
 
+@pytest.mark.parametrize("kw,message", [
+    ({"dtype": torch.int8}, r"dtype must be torch.float32, torch.bfloat16, torch.float16 \(or one of \[.*'bf16'.*\]\), got torch.int8"),
+    ({"dtype": "half-ish"}, r"dtype must be .*got 'half-ish'"),
+    ({"device": "gpu"}, r"device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu'"),
+    ({"device": "cuda"} if not torch.cuda.is_available() else {"device": f"cuda:{torch.cuda.device_count()}"},
+     r"device='cuda.*': (CUDA is not available on this machine|this machine has \d+ CUDA device)"),
+])
+def test_load_arguments_are_checked(qwen_dir, kw, message):
+    with pytest.raises(ValueError, match=message):
+        qva.load(qwen_dir[1], **kw)
+
+
+def test_load_takes_dtype_names(qwen_dir):
+    assert qva.load(qwen_dir[1], dtype="bf16").lm_head.weight.dtype == torch.bfloat16
+
+
 @need_shared(QWEN_TOKENIZER)
 def test_processor_audio_tokens_template_and_mel_mismatch(qwen_dir, whisper_dir, tmp_path):
     import shutil

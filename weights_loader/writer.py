@@ -121,7 +121,7 @@ def _leftovers(path: Path, what: str) -> list[tuple[Path, int]]:
     except OSError:
         return out
     for p in siblings:
-        if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+        if p.name.startswith(prefix) and not p.is_symlink():
             pid = p.name[len(prefix):].split("-")[0]
             if pid.isdigit():
                 out.append((p, int(pid)))
@@ -134,14 +134,18 @@ def recover(path: str | os.PathLike) -> str | None:
     Returns a sentence saying what was repaired, or None."""
     path = Path(os.path.abspath(path))
     said = None
-    olds = [(p, pid) for p, pid in _leftovers(path, "old") if not _alive(pid) and read_marker(p) is not None]
+    olds = [(p, pid) for p, pid in _leftovers(path, "old") if p.is_dir() and not _alive(pid) and read_marker(p) is not None]
     if olds and not os.path.lexists(path):
         newest = max(olds, key=lambda x: x[0].stat().st_mtime)[0]
         os.rename(newest, path)
         olds = [o for o in olds if o[0] != newest]
         said = f"{path}: restored from {newest.name} (an earlier write was interrupted between its two renames)"
-    for folder, pid in olds + [t for t in _leftovers(path, "tmp") if not _alive(t[1])]:
-        shutil.rmtree(folder, ignore_errors=True)
+    for leftover, pid in olds + [t for t in _leftovers(path, "tmp") if not _alive(t[1])]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with _quiet():
+                leftover.unlink()
     return said
 
 
@@ -290,6 +294,7 @@ def atomic_file(path: str | os.PathLike, content: str | bytes) -> Path:
     if path.is_symlink() or path.is_dir():
         raise WriteError(f"{path}: is a {'symbolic link' if path.is_symlink() else 'folder'}; qva writes a file there only where nothing is")
     data = content.encode() if isinstance(content, str) else content
+    recover(path)  # temporary files a killed writer of this path left
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.qva-tmp-{_HOST}-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -21,7 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from weights_loader.writer import MARKER, WriteError, atomic_folder, check_target, kind_of, read_marker, recover, write_marker
+from weights_loader.writer import (MARKER, WriteError, atomic_file, atomic_folder, check_target, kind_of, read_marker, recover,
+                                   write_marker)
 
 from ..adapters import write_adapter_files
 from ..pretrained import write_model_files
@@ -144,7 +145,7 @@ def claim(cfg: TrainConfig, log=print) -> Claim:
             notes = [f"--resume: {path} has no record of its settings (train_config.json); starting from step 0"]
         record = {"train_sha256": file_sha256(cfg.train)} if Path(cfg.train).is_file() else {}
         write_marker(path, "run", set(marker.get("files", [])) | set(RUN_FILES), **record)
-        (path / "train_config.json").write_text(cfg.recorded().to_json())
+        atomic_file(path / "train_config.json", cfg.recorded().to_json())
     except BaseException:
         if fd is not None:
             os.close(fd)

@@ -16,6 +16,7 @@ agrees with the mask models trained on the reference extractor have seen.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from functools import lru_cache
@@ -32,6 +33,7 @@ HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480 000 samples per window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+BLOCK_FRAMES = 1 << 16  # frames decoded at a time from a file
 
 
 class AudioError(ValueError):
@@ -39,17 +41,40 @@ class AudioError(ValueError):
 
 
 # -- loading ----------------------------------------------------------------------------------------
+ACCEPTED = "a path, an array or tensor with sampling_rate=, an (array, sampling_rate) tuple, or an audio file's bytes"
+
+
 def load_audio(source, sampling_rate: int | None = None) -> torch.Tensor:
-    """1-D float32 mono waveform at 16 kHz from a path, or from an array sampled at `sampling_rate`.
+    """1-D float32 mono waveform at 16 kHz from a path, an array sampled at `sampling_rate`, an
+    `(array, sampling_rate)` pair (tuple or two-item list), or the bytes of an audio file.
 
     Arrays may be numpy or torch, `[samples]`, `[samples, channels]` or `[channels, samples]` (the
     shorter axis, if at most 8 long, is taken as channels); integer PCM is scaled to [-1, 1).
+    Bytes are read as an encoded file (any soundfile format), which says its own rate; anything else
+    is an `AudioError` naming the accepted forms.
     """
+    if source is None:
+        raise AudioError(f"load_audio: got None; expected {ACCEPTED}")
+    if _is_pair(source):
+        samples, rate = source
+        if sampling_rate is not None and sampling_rate != rate:
+            raise AudioError(f"load_audio: two sample rates given: {rate!r} in the (array, sampling_rate) pair and "
+                             f"sampling_rate={sampling_rate!r}")
+        source, sampling_rate = samples, rate
     if isinstance(source, (str, os.PathLike)):
-        data, rate = _read_file(Path(source))
         name = str(source)
-        wave = _to_mono_float(data, name, channels_last=True)  # soundfile gives [frames, channels]
+        if not Path(source).is_file():
+            raise AudioError(f"{name}: no such audio file")
+        wave, rate = decode_file(name, name)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if sampling_rate is not None:
+            raise AudioError("load_audio: bytes are read as an encoded audio file, which gives its own rate; leave out "
+                             "sampling_rate (raw PCM samples: pass np.frombuffer(data, np.int16) with sampling_rate=)")
+        name = "audio bytes"
+        wave, rate = decode_file(io.BytesIO(bytes(source)), name)
     else:
+        if not isinstance(source, (np.ndarray, torch.Tensor, list, tuple)) and not hasattr(source, "__array__"):
+            raise AudioError(f"load_audio: cannot read a {type(source).__name__} as audio; expected {ACCEPTED}")
         if sampling_rate is None:
             raise AudioError("load_audio: an array needs its sampling_rate (e.g. load_audio(x, sampling_rate=44100))")
         data, rate, name = source, _sample_rate(sampling_rate), "audio array"
@@ -64,16 +89,49 @@ def load_audio(source, sampling_rate: int | None = None) -> torch.Tensor:
     return wave.contiguous()
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, int]:
+def _is_pair(source) -> bool:
+    """`(samples, rate)`, or a two-item list `[array, rate]`: an array then a scalar (`[[l], [r]]` is a stereo
+    waveform, `[0.1, 0.2]` a two-sample one)."""
+    if not isinstance(source, (tuple, list)) or len(source) != 2:
+        return False
+    if isinstance(source, tuple):
+        return True
+    samples, rate = source
+    tensor = (np.ndarray, torch.Tensor)
+    array = isinstance(samples, (list, tuple)) or (isinstance(samples, tensor) and samples.ndim > 0)
+    scalar = not isinstance(rate, (list, tuple)) and not (isinstance(rate, tensor) and rate.ndim > 0)
+    return array and scalar
+
+
+def clip_tokens(num_samples: int, frames: str = "valid", pool: int = 1) -> int:
+    """LLM tokens for a clip of `num_samples` at 16 kHz: its 30 s windows' `audio_token_count`, summed."""
+    full, rest = divmod(num_samples, N_SAMPLES)
+    tokens = full * audio_token_count(N_FRAMES, frames, pool)
+    if rest or not full:
+        tokens += audio_token_count(math.ceil(rest / HOP_LENGTH), frames, pool)
+    return tokens
+
+
+def decode_file(file, name: str, max_frames: int | None = None) -> tuple[torch.Tensor, int]:
+    """An encoded audio file (a path or a file object, any soundfile format) → (mono float32 `[frames]`, its rate),
+    decoded block by block. More than `max_frames` frames is an AudioError, raised before they are held.
+    (Every reader of files goes through here: MP3 decoding depends, in the last bit, on the read sizes.)"""
     import soundfile as sf
 
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+    pieces, n = [], 0
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
-    except Exception as e:  # libsndfile reports unreadable and non-audio files alike
-        raise AudioError(f"{path}: cannot read as audio ({type(e).__name__}: {e})") from None
-    return data, rate
+        with sf.SoundFile(file) as f:
+            rate = f.samplerate
+            while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):  # [frames, channels]
+                n += len(block)
+                if max_frames is not None and n > max_frames:
+                    raise AudioError(f"{name}: the audio is longer than its header says ({max_frames} frames)")
+                pieces.append(_to_mono_float(block, name, channels_last=True))
+    except AudioError:
+        raise
+    except Exception as e:  # libsndfile reports unreadable, truncated and non-audio files alike
+        raise AudioError(f"{name}: cannot read as audio ({type(e).__name__}: {getattr(e, 'error_string', e)})") from None
+    return (torch.cat(pieces) if pieces else torch.zeros(0)), rate
 
 
 def _sample_rate(rate) -> int:
@@ -85,7 +143,14 @@ def _sample_rate(rate) -> int:
 
 
 def _to_mono_float(data, name: str, channels_last: bool = False) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+    if not isinstance(data, torch.Tensor):
+        try:
+            data = np.asarray(data)
+        except (ValueError, TypeError) as e:  # ragged lists, mixed types
+            raise AudioError(f"{name}: cannot read as audio samples ({type(e).__name__}: {e}); expected {ACCEPTED}"[:400]) from None
+        if data.dtype.kind not in "biufc":
+            raise AudioError(f"{name}: expected numbers as audio samples, got dtype {data.dtype}; expected {ACCEPTED}")
+    x = torch.as_tensor(data)
     if x.is_complex() or x.dtype == torch.bool:
         raise AudioError(f"{name}: expected real audio samples, got dtype {x.dtype}")
     if not x.is_floating_point():

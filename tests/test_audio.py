@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import JFK, WHISPER_ASSETS, need_shared
 
-from qva.audio import N_FRAMES, N_SAMPLES, AudioError, load_audio, log_mel, mel_filters
+from qva.audio import N_FRAMES, N_SAMPLES, AudioError, clip_tokens, decode_file, load_audio, log_mel, mel_filters
 from qva.resample import resample
 
 SR = 16_000
@@ -223,3 +223,70 @@ def test_log_mel_refuses_non_finite_samples(bad):
     clip[10] = bad
     with pytest.raises(AudioError, match=r"log_mel: clip 1 has 1 NaN/inf sample\(s\)"):
         log_mel([torch.zeros(500), clip])
+
+
+# -- load_audio's accepted forms, and clear refusals of the rest ---------------------------------------------------
+def test_load_audio_bytes_pairs_and_lists(tmp_path):
+    import io
+
+    import soundfile as sf
+
+    stereo = np.stack([tone(440, 0.4, 44_100), tone(660, 0.4, 44_100)], 1).astype(np.float32)  # [frames, 2]
+    path = tmp_path / "clip.flac"
+    sf.write(str(path), stereo, 44_100)
+    from_path = load_audio(path)
+    assert from_path.shape == (math.ceil(stereo.shape[0] * SR / 44_100),) == (6400,)
+    assert torch.equal(load_audio(path.read_bytes()), from_path)  # an encoded file's bytes
+    assert torch.equal(load_audio(bytearray(path.read_bytes())), from_path)
+    buf = io.BytesIO()
+    sf.write(buf, stereo, 44_100, format="WAV", subtype="FLOAT")
+    as_array = load_audio(stereo, sampling_rate=44_100)
+    assert torch.equal(load_audio(buf.getvalue()), as_array)
+    assert torch.equal(load_audio((stereo, 44_100)), as_array)
+    assert torch.equal(load_audio([stereo, 44_100]), as_array)  # [array, rate] is the same pair
+    assert torch.equal(load_audio([torch.from_numpy(stereo), 44_100]), as_array)
+    assert torch.equal(load_audio((stereo, 44_100), sampling_rate=44_100), as_array)  # the same rate twice is fine
+    assert load_audio([0.25, -0.5], sampling_rate=SR).tolist() == [0.25, -0.5]  # two numbers: a two-sample waveform
+    assert load_audio([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]], sampling_rate=SR).tolist() == [0.25] * 3  # [channels, samples]
+
+
+@pytest.mark.parametrize("source, kw, message", [
+    (None, {}, r"load_audio: got None; expected a path, an array or tensor with sampling_rate=, an \(array, sampling_rate\) tuple, "
+               r"or an audio file's bytes"),
+    ({"array": [0.1], "sampling_rate": 16000}, {}, r"cannot read a dict as audio; expected a path"),
+    (16000, {}, r"cannot read a int as audio; expected a path"),
+    (b"not audio at all", {}, r"audio bytes: cannot read as audio \(LibsndfileError"),
+    (b"RIFF", {"sampling_rate": SR}, r"bytes are read as an encoded audio file.*leave out sampling_rate"),
+    ([np.zeros(10), "44100"], {}, r"sampling_rate must be a positive whole number of Hz, got '44100'"),
+    ((np.zeros(10), 44_100), {"sampling_rate": SR}, r"two sample rates given: 44100 in the \(array, sampling_rate\) pair and "
+                                                   r"sampling_rate=16000"),
+    ([[0.1, 0.2], [0.3]], {"sampling_rate": SR}, r"audio array: cannot read as audio samples \(ValueError"),
+    (["a", "b", "c"], {"sampling_rate": SR}, r"audio array: expected numbers as audio samples, got dtype <U1"),
+    (np.array([{"x": 1}]), {"sampling_rate": SR}, r"expected numbers as audio samples, got dtype object"),
+])
+def test_load_audio_refuses_other_forms_clearly(source, kw, message):
+    with pytest.raises(AudioError, match=message):
+        load_audio(source, **kw)
+
+
+def test_decode_file_stops_at_its_frame_cap():
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(200_000, np.float32), SR, format="FLAC")
+    wave, rate = decode_file(io.BytesIO(buf.getvalue()), "clip")
+    assert (wave.shape, rate) == ((200_000,), SR)
+    with pytest.raises(AudioError, match=r"clip: the audio is longer than its header says \(70000 frames\)"):
+        decode_file(io.BytesIO(buf.getvalue()), "clip", max_frames=70_000)  # refused after 2 blocks, before the rest is read
+
+
+@pytest.mark.parametrize("seconds", [0.01, 1.0, 29.99, 30.0, 30.01, 61.3])
+@pytest.mark.parametrize("frames, pool", [("valid", 1), ("valid", 2), ("full", 1), ("full", 3)])
+def test_clip_tokens_counts_what_the_processor_counts(seconds, frames, pool):
+    from qva.audio import audio_token_count
+
+    n = round(seconds * SR)
+    _, valid = log_mel(torch.zeros(n), 80)
+    assert clip_tokens(n, frames, pool) == sum(audio_token_count(v, frames, pool) for v in valid.tolist())

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import random
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import ServeProcess, http, speechlike
-from PIL import Image, ImageDraw
+from conftest import ServeProcess, http
+from PIL import Image
+from serve_helpers import audio_part, b64, image_part, metric, png, wav
 
 import qva
 from qva.generate import eos_ids
@@ -24,33 +24,6 @@ from qva.serve.protocol import Limits, decode_audio, decode_image, parse_chat_re
 openai = pytest.importorskip("openai")
 KEY = "sk-test"
 NAME = "tiny"
-
-
-def png(seed: int, size=(112, 84)) -> bytes:
-    rng = random.Random(seed)
-    im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    ImageDraw.Draw(im).ellipse((10, 10, 10 + rng.randrange(20, 60), 10 + rng.randrange(20, 60)), fill=(250, 200, 30))
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def wav(seconds: float, seed: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, speechlike(seconds, seed).numpy(), 16000, format=fmt, subtype=subtype)
-    return buf.getvalue()
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
-def image_part(raw: bytes) -> dict:
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(raw)}}
-
-
-def audio_part(raw: bytes, fmt: str = "wav") -> dict:
-    return {"type": "input_audio", "input_audio": {"data": b64(raw), "format": fmt}}
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +118,6 @@ def test_multi_turn_stop_seed_and_models(server, client, offline):
     assert [m.id for m in client.models.list().data] == [NAME]
 
 
-def metric(server, name: str) -> float:
-    text = http(server.base + "/metrics")[1].decode()
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
-
-
 @pytest.fixture(scope="module")
 def one_row(demo_dirs):
     """A server with one engine row and room for one waiting request."""
@@ -197,6 +165,39 @@ def msg(*parts):
 
 NAN_WAV = io.BytesIO()
 sf.write(NAN_WAV, np.array([0.1, float("nan"), 0.2] * 800, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+ONE_HZ_WAV = io.BytesIO()  # a header claiming 1 Hz: 20 000 samples would resample to 320 million
+sf.write(ONE_HZ_WAV, np.zeros(20_000, np.float32), 1, format="WAV")
+
+
+def png_missing_rows() -> bytes:
+    """A PNG whose (valid, complete) compressed stream holds only the top half of its rows: Pillow decodes it without
+    complaint and leaves the bottom half black."""
+    import struct
+    import zlib
+
+    rows = 40
+    raw = b"".join(b"\0" + bytes([(7 * y + x) % 256 for x in range(3 * 50)]) for y in range(rows // 2))  # filter 0, RGB, 50 wide
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    head = struct.pack(">IIBBBBB", 50, rows, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def gif_cut_short() -> bytes:
+    """An animated GIF cut inside its second frame (Pillow raises IndexError counting or decoding its frames)."""
+    rng = np.random.RandomState(0)
+    frames = [Image.fromarray((rng.rand(60, 80, 3) * 255).astype(np.uint8)) for _ in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buf.getvalue()[: len(buf.getvalue()) // 4]
+
+
+def text_body(**extra) -> dict:
+    return {**msg({"type": "text", "text": "x"}), **extra}
+
+
 BAD = {
     "malformed JSON": (b'{"model": "tiny", "messages": [', 400, "invalid_json"),
     "not an object": ([1, 2], 400, "invalid_type"),
@@ -220,6 +221,14 @@ BAD = {
     "unknown part type": (msg({"type": "file", "file": {}}), 400, "invalid_value"),
     "video as mp4": (msg({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(b"\0\0\0 ftypisom")}}), 400,
                      "invalid_video"),
+    "PNG missing its bottom rows": (msg(image_part(png_missing_rows())), 400, "invalid_image"),
+    "GIF video cut short": (msg({"type": "video_url", "video_url": {"url": "data:image/gif;base64," + b64(gif_cut_short())}}), 400,
+                            "invalid_video"),
+    "audio header claiming 1 Hz": (msg(audio_part(ONE_HZ_WAV.getvalue())), 400, "invalid_audio"),
+    "response_format json_schema": (text_body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+                                    "unsupported_value"),
+    "response_format json_object": (text_body(response_format={"type": "json_object"}), 400, "unsupported_value"),
+    "response_format not an object": (text_body(response_format="text"), 400, "invalid_type"),
 }
 
 
@@ -240,6 +249,78 @@ def test_audio_to_a_model_without_an_audio_encoder(demo_dirs):
         assert post(srv, msg({"type": "text", "text": "still serving?"}), key=None)[0] == 200
     finally:
         srv.stop()
+
+
+def test_refusals_name_what_is_wrong(server):
+    err = json.loads(post(server, BAD["audio header claiming 1 Hz"][0])[1])["error"]
+    assert "1 Hz" in err["message"] and "1000" in err["message"] and err["param"].endswith("input_audio.data")
+    err = json.loads(post(server, BAD["response_format json_schema"][0])[1])["error"]
+    assert err["param"] == "response_format.type" and "'json_schema'" in err["message"] and "'text'" in err["message"]
+
+
+def test_openai_defaults_and_any_case_are_accepted(server, offline):
+    """OpenAI's default response_format, an upper-case audio format and a lower-case auth scheme are all fine."""
+    clip = wav(0.5, 4)
+    answers = []
+    for fmt, scheme in (("wav", "Bearer"), ("WAV", "bearer"), ("Wav", "BEARER")):
+        body = {**msg(audio_part(clip, fmt), {"type": "text", "text": "hi"}), "response_format": {"type": "text"}, "temperature": 0}
+        status, raw = http(server.base + "/v1/chat/completions", body, {"Authorization": f"{scheme} {KEY}"})
+        assert status == 200, raw
+        answers.append(json.loads(raw)["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1] == answers[2] == offline_answer(offline, msg(audio_part(clip), {"type": "text", "text": "hi"})["messages"], 4)
+    assert http(server.base + "/v1/models", headers={"Authorization": f"bearer {KEY}"})[0] == 200
+    assert http(server.base + "/v1/models", headers={"Authorization": f"Basic {KEY}"})[0] == 401
+
+
+def test_docs_need_the_key_and_answers_are_counted_by_route(server):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        status, raw = http(server.base + path)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", path
+        assert http(server.base + path, headers={"Authorization": f"Bearer {KEY}"})[0] == 200, path
+    route = 'qva_http_requests_total{route="/v1/models",status="401"}'
+    before, chat_401 = metric(server, route), metric(server, 'qva_requests_total{status="401"}')
+    for _ in range(3):
+        assert http(server.base + "/v1/models")[0] == 401
+    assert metric(server, route) == before + 3
+    assert metric(server, 'qva_requests_total{status="401"}') == chat_401  # /v1/models is not a chat request
+
+
+def test_internal_errors_are_openai_shaped_and_counted(demo_dirs, offline, monkeypatch):
+    """A bug's 500 (here: prepare raising) is answered in OpenAI's shape and counted in /metrics, by route."""
+    import asyncio
+
+    from qva.serve.app import Server, Settings, create_app
+
+    srv = Server(Settings(model_name=NAME, max_batch=1, max_model_len=64))
+    srv.attach(offline)
+    try:
+        monkeypatch.setattr(srv, "prepare", lambda req: 1 / 0)
+        app = create_app(srv)
+
+        async def call(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+            sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                return messages.pop(0) if messages else await asyncio.sleep(3600)
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+                     "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+            await app(scope, receive, send)
+            return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+        status, raw = asyncio.run(call("POST", "/v1/chat/completions", json.dumps(text_body()).encode()))
+        err = json.loads(raw)["error"]
+        assert status == 500 and err["type"] == "server_error" and "ZeroDivisionError" in err["message"]
+        page = asyncio.run(call("GET", "/metrics"))[1].decode()
+        assert 'qva_requests_total{status="500"} 1' in page
+        assert 'qva_http_requests_total{route="/v1/chat/completions",status="500"} 1' in page
+    finally:
+        srv.scheduler.close()
 
 
 def random_body(rng: random.Random, depth: int = 0):
@@ -344,3 +425,16 @@ def test_cli_errors_are_one_line(tmp_path, demo_dirs):
     (broken / "config.json").write_text((demo_dirs[0] / "config.json").read_text())
     out = run("--model", str(broken), "--port", "0")
     assert out.returncode == 2 and "qva-serve: error:" in out.stderr and "Traceback" not in out.stderr
+    out = run("--model", str(demo_dirs[0]), "--api-key", "")  # a server no client could use
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("qva-serve: error: --api-key")
+    from qva.cli import UserError
+    from qva.serve.cli import parse_args, settings_and_loader
+
+    for flag, value, says in (("--read-timeout", "0", "--read-timeout must be a positive number of seconds, got 0.0"),
+                              ("--shutdown-timeout", "nan", "--shutdown-timeout must be a positive number of seconds, got nan"),
+                              ("--max-media-pixels", "0", "--max-media-pixels must be ≥ 1, got 0")):
+        with pytest.raises(UserError, match=f"^{says}$"):
+            settings_and_loader(parse_args(["--model", str(demo_dirs[0]), flag, value]))
+    settings, _ = settings_and_loader(parse_args(["--model", str(demo_dirs[0])]))
+    assert (settings.max_body_bytes, settings.max_media_pixels, settings.max_audio_seconds, settings.read_timeout,
+            settings.max_connections, settings.shutdown_timeout, settings.fetch_timeout) == (64 * 2**20, 2**26, 3600, 30, 512, 10, 10)

@@ -5,12 +5,18 @@
     GET  /health                200 ready; 503 loading, failed, or the engine stuck
     GET  /metrics               Prometheus text: requests, tokens, queue, time to first token, tokens/s
 
-A request is parsed and its media decoded (`protocol.py`), turned into model inputs by the checkpoint's
-`Processor` and checked (context length, placeholders) in a worker thread, before any encoder runs;
-then it waits for an engine row (`scheduler.py`). Every refusal is a 4xx with OpenAI's error body; a
-full queue is a 429 at once. Text is detokenized here (`generate.TextStream`), and `stop` strings are
-matched here: a match cancels the job, which frees its row before the next decode step, as a client
-disconnecting does.
+A body is read against a size limit (Content-Length first, then counted) and a deadline; it is parsed
+and its media decoded within the request's budget (`protocol.py`, `media.py`), turned into model inputs
+by the checkpoint's `Processor` and checked (context length, placeholders) in a worker thread, before
+any encoder runs; then it waits for an engine row (`scheduler.py`). Every refusal is a 4xx with OpenAI's
+error body; a full queue is a 429 at once. Text is detokenized here (`generate.TextStream`), and `stop`
+strings are matched here: a match cancels the job, which frees its row before the next decode step, as
+a client disconnecting does (noticed at once, whether it streams or not, and even before its job is
+submitted).
+
+`Gate` wraps the app: the API key (every route but /health and /metrics), and the count of every answer
+by route and status, 5xx included. On shutdown (`Server.drain`) new requests get 503 and running ones
+are cut at the grace period's end with `finish_reason` "length", so every stream ends cleanly.
 """
 
 from __future__ import annotations
@@ -18,20 +24,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..audio import AudioError
+from ..audio import AudioError, clip_tokens
 from ..generate import TextStream, eos_ids
 from ..image_processing import ImageError
+from .media import MediaLimits
 from .protocol import APIError, ChatRequest, Limits, bad, chunk, completion, parse_chat_request, usage_chunk
 from .scheduler import Job, QueueFull, Scheduler
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+OPEN_ROUTES = ("/health", "/metrics")  # answered without the API key
+CLIENT_GONE = 499  # the status recorded for a request whose client left before its answer (nothing is sent)
 
 
 @dataclass
@@ -44,7 +57,13 @@ class Settings:
     api_key: str | None = None
     model_name: str = "qva"
     compile: bool = False
-    max_body_bytes: int = 64 * 2**20
+    max_body_bytes: int = 64 * 2**20  # a request body, and the media bytes of one request (inline and fetched)
+    max_media_pixels: int = 2**26  # decoded image and video-frame pixels per request
+    max_audio_seconds: float = 3600.0  # audio per request (and never more than the context holds)
+    fetch_timeout: float = 10.0  # seconds for one remote media URL (--allow-remote-media), redirects included
+    read_timeout: float = 30.0  # seconds for a request's headers to arrive, and again for its body
+    max_connections: int = 512  # open HTTP connections (`connections.py`)
+    shutdown_timeout: float = 10.0  # grace for running requests after SIGTERM/SIGINT
     stuck_after: float = 120.0  # seconds with work and no progress before /health says 503
 
 
@@ -60,6 +79,8 @@ class Server:
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     requests: dict = field(default_factory=dict)  # HTTP status → chat requests answered
+    answers: dict = field(default_factory=dict)  # (route, HTTP status) → answers, every route
+    draining: bool = False  # shutting down: no new requests
 
     def attach(self, model) -> None:
         """Serve a loaded model: build the scheduler (caches allocated once) and the request limits."""
@@ -73,7 +94,12 @@ class Server:
         for key in ("temperature", "top_p", "top_k"):
             if isinstance(gen.get(key), (int, float)) and not isinstance(gen.get(key), bool):
                 defaults[key] = gen[key]
-        self.limits = Limits(s.model_name, s.limit_media, s.allow_remote_media, defaults)
+        cfg = model.processor.config
+        hears = cfg is not None and cfg.audio is not None
+        media = MediaLimits(max_pixels=s.max_media_pixels, max_audio_seconds=s.max_audio_seconds, max_bytes=s.max_body_bytes,
+                            fetch_timeout=s.fetch_timeout, context=self.max_len if hears else None,
+                            audio_tokens=(lambda n: clip_tokens(n, cfg.audio_frames, cfg.audio_pool)) if hears else None)
+        self.limits = Limits(s.model_name, s.limit_media, s.allow_remote_media, defaults, media)
         self.scheduler = Scheduler(model, s.max_batch, self.max_len, s.max_queue, s.compile)
         self.model = model
 
@@ -86,6 +112,18 @@ class Server:
         t = threading.Thread(target=run, name="qva-load", daemon=True)
         t.start()
         return t
+
+    def drain(self, timeout: float) -> None:
+        """Shutting down: refuse new requests; running ones end within `timeout` seconds (cut with "length")."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.drain(timeout)
+
+    def count(self, path: str, status: int) -> None:
+        route = path if path in ROUTES else "other"
+        self.answers[route, status] = self.answers.get((route, status), 0) + 1
+        if route == "/v1/chat/completions":
+            self.requests[status] = self.requests.get(status, 0) + 1
 
     def health(self) -> tuple[int, dict]:
         if self.load_error:
@@ -117,20 +155,18 @@ class Server:
             raise bad(str(e), "messages") from None
         return inputs, req.max_tokens or self.max_len - n
 
-    async def events(self, req: ChatRequest, job: Job, queue: asyncio.Queue, request: Request | None):
-        """("text", piece) as text becomes final, then ("done", finish_reason). With `request` (not streaming)
-        the client is polled, and a disconnect cancels the job; streaming responses are cancelled by Starlette."""
+    async def events(self, req: ChatRequest, job: Job, queue: asyncio.Queue):
+        """("text", piece) as text becomes final, then ("done", finish_reason). A ("gone", None) in the queue (the
+        client left: `until_disconnect`) ends it; streaming responses are cancelled by Starlette instead. Either
+        way the finally below cancels the job, which frees its row before the next decode step."""
         text = TextStream(self.model.processor)
         hold = max((len(s) for s in req.stop), default=1) - 1  # characters that could still start a stop string
         sent = 0
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return  # the finally below cancels the job
-                    continue
+                kind, value = await queue.get()
+                if kind == "gone":
+                    return
                 if kind == "error":
                     raise value
                 if kind == "done":
@@ -154,7 +190,84 @@ class Server:
 
 
 def error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
+    if e.status in (401, 408, 413):  # the body may be unread: the connection cannot carry another request
+        headers = {**(headers or {}), "Connection": "close"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def authorised(header: str, key: str) -> bool:
+    """`Authorization: Bearer <key>`; the scheme's case does not matter (RFC 7235), the key's does."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+class Gate:
+    """ASGI middleware around the whole app: the API key, and the count of every answer by route and status
+    (a bug's 500 included, answered here in OpenAI's shape and logged)."""
+
+    def __init__(self, app, server: "Server"):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, key = scope["path"], self.server.settings.api_key
+        status = None
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if key is not None and path not in OPEN_ROUTES:
+                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                if not authorised(given, key):
+                    e = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", None, "invalid_api_key")
+                    return await error_response(e, {"WWW-Authenticate": "Bearer"})(scope, receive, counted)
+            await self.app(scope, receive, counted)
+        except Exception as e:  # a bug: still OpenAI's shape, and counted
+            if status is not None:
+                raise
+            traceback.print_exc(file=sys.stderr)
+            body = APIError(500, f"internal error: {type(e).__name__}: {e}"[:500], None, None, "server_error")
+            await error_response(body)(scope, receive, counted)
+        finally:
+            self.server.count(path, status if status is not None else CLIENT_GONE)
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes | None:
+    """The request body, or None when the client left first: 413 past `limit` bytes (Content-Length is
+    checked before anything is read, then the bytes are counted), 408 when it has not all arrived within
+    `timeout` seconds."""
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {int(length)} bytes, over the server's limit of {limit}", None, "request_too_large")
+    loop = asyncio.get_running_loop()
+    deadline, chunks, n = loop.time() + timeout, [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", None, "request_timeout") from None
+        if message["type"] == "http.disconnect":
+            return None
+        body = message.get("body", b"")
+        n += len(body)
+        if n > limit:
+            raise APIError(413, f"the request body is over the server's limit of {limit} bytes", None, "request_too_large")
+        chunks.append(body)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def until_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Wait for the client to leave (once its body is read, the next ASGI message is the disconnect), then
+    tell the request's event loop ("gone")."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(("gone", None))
 
 
 def create_app(server: Server, loader=None) -> FastAPI:
@@ -168,6 +281,7 @@ def create_app(server: Server, loader=None) -> FastAPI:
             server.scheduler.close()
 
     app = FastAPI(title="qva", lifespan=lifespan)
+    app.add_middleware(Gate, server=server)
     s = server.settings
 
     @app.exception_handler(APIError)
@@ -178,26 +292,9 @@ def create_app(server: Server, loader=None) -> FastAPI:
     async def http_error(request: Request, e: HTTPException):  # unknown routes, wrong methods
         return error_response(APIError(e.status_code, str(e.detail), None, None, "invalid_request_error"))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):  # a bug: still OpenAI's shape
-        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"[:500], None, None, "server_error"))
-
-    @app.middleware("http")
-    async def count_and_authorise(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1/") and s.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {s.api_key}".encode()):
-                response = error_response(APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", None,
-                                                   "invalid_api_key"), {"WWW-Authenticate": "Bearer"})
-                server.requests[401] = server.requests.get(401, 0) + 1
-                return response
-        response = await call_next(request)
-        if path == "/v1/chat/completions":
-            server.requests[response.status_code] = server.requests.get(response.status_code, 0) + 1
-        return response
-
     def ready() -> None:
+        if server.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down", "server_error")
         if server.scheduler is None:
             raise APIError(503, "the model is still loading" if not server.load_error else f"the model failed to load: {server.load_error}",
                            None, "model_not_ready", "server_error")
@@ -220,40 +317,46 @@ def create_app(server: Server, loader=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         ready()
-        raw = await request.body()
-        if len(raw) > s.max_body_bytes:
-            raise APIError(413, f"the request body is {len(raw)} bytes, over the server's limit of {s.max_body_bytes}", None,
-                           "request_too_large")
+        raw = await read_body(request, s.max_body_bytes, s.read_timeout)
+        if raw is None:  # the client left before sending its whole body
+            return Response(status_code=CLIENT_GONE)
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
             raise bad(f"the request body is not valid JSON ({type(e).__name__}: {e})"[:300], None, "invalid_json") from None
-        req = await run_in_threadpool(parse_chat_request, body, server.limits)
-        inputs, budget = await run_in_threadpool(server.prepare, req)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(inputs, budget, set(eos_ids(None)), lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
-                  do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_k=req.top_k,
-                  top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+        watcher = asyncio.create_task(until_disconnect(request, queue))  # from here on a disconnect is noticed at once
         try:
-            server.scheduler.submit(job)
-        except QueueFull as e:
-            raise APIError(429, str(e), None, "queue_full", "rate_limit_error") from None
-        n_prompt = job.prompt_tokens
-        if req.stream:
-            return StreamingResponse(sse(server, req, job, queue), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, finish = [], None
-        try:
-            async for kind, value in server.events(req, job, queue, request):
-                if kind == "text":
-                    text.append(value)
-                else:
-                    finish = value
-        except (ValueError, RuntimeError) as e:  # the engine refused the prompt after all
-            raise bad(str(e), "messages") from None
-        if finish is None:  # the client went away
-            return JSONResponse({}, status_code=499)
-        return completion(req, s.model_name, "".join(text), finish, n_prompt, job.produced)
+            req = await run_in_threadpool(parse_chat_request, body, server.limits)
+            inputs, budget = await run_in_threadpool(server.prepare, req)
+            if watcher.done():  # the client left while its media were decoded: nothing is submitted
+                return Response(status_code=CLIENT_GONE)
+            job = Job(inputs, budget, set(eos_ids(None)), lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
+                      do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_k=req.top_k,
+                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+            try:
+                server.scheduler.submit(job)
+            except QueueFull as e:
+                raise APIError(429, str(e), None, "queue_full", "rate_limit_error") from None
+            n_prompt = job.prompt_tokens
+            if req.stream:  # Starlette watches a streaming client itself, and cancels the stream when it leaves
+                watcher.cancel()
+                return StreamingResponse(sse(server, req, job, queue), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text, finish = [], None
+            try:
+                async for kind, value in server.events(req, job, queue):
+                    if kind == "text":
+                        text.append(value)
+                    else:
+                        finish = value
+            except (ValueError, RuntimeError) as e:  # the engine refused the prompt after all
+                raise bad(str(e), "messages") from None
+            if finish is None:  # the client went away
+                return Response(status_code=CLIENT_GONE)
+            return completion(req, s.model_name, "".join(text), finish, n_prompt, job.produced)
+        finally:
+            watcher.cancel()
 
     return app
 
@@ -266,7 +369,7 @@ async def sse(server: Server, req: ChatRequest, job: Job, queue: asyncio.Queue):
 
     yield event(chunk(req, name, {"role": "assistant", "content": ""}))
     try:
-        async for kind, value in server.events(req, job, queue, None):
+        async for kind, value in server.events(req, job, queue):
             if kind == "text":
                 yield event(chunk(req, name, {"content": value}))
             else:
@@ -288,6 +391,9 @@ def prometheus(server: Server) -> str:
 
     metric("qva_requests_total", "counter", "Chat completion requests answered, by HTTP status.",
            [(f'{{status="{k}"}}', v) for k, v in sorted(server.requests.items())] or [('{status="200"}', 0)])
+    metric("qva_http_requests_total", "counter", f"HTTP answers by route and status ({CLIENT_GONE}: the client left first).",
+           [(f'{{route="{r}",status="{k}"}}', v) for (r, k), v in sorted(server.answers.items())]
+           or [('{route="/v1/chat/completions",status="200"}', 0)])
     sched = server.scheduler
     if sched is not None:
         st = sched.stats

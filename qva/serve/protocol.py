@@ -12,45 +12,26 @@ Content parts understood (OpenAI's, plus vLLM's `video_url`):
     {"type": "video_url", "video_url": {"url": "data:image/gif;base64,..."}}      # an animated GIF/WebP
     {"type": "video_url", "video_url": {"frames": ["data:image/png;base64,...", ...]}}
 
-Media are decoded here (Pillow, soundfile) into what `Processor` takes: PIL images, frame lists,
-16 kHz waveforms. Remote `http(s)` URLs are refused unless the server allows them.
+Media become what `Processor` takes (PIL images, frame lists, 16 kHz waveforms) in `media.py`: every
+part is probed from its header and charged to the request's budget before any part is decoded. Remote
+`http(s)` URLs are refused unless the server allows them, and then fetched by `fetch.py`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import math
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .. import chat_template
-from ..audio import AudioError, load_audio
+from .errors import APIError, bad
+from .media import (AUDIO_FORMATS, Budget, MediaLimits, decode_audio, decode_image, decode_video, probe_audio, probe_image, probe_video,
+                    url_bytes)
 
-AUDIO_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC"}
+__all__ = ["APIError", "bad", "ChatRequest", "Limits", "parse_chat_request", "AUDIO_FORMATS", "decode_audio", "decode_image",
+           "decode_video", "completion", "chunk", "usage_chunk"]
 ROLES = {"system", "developer", "user", "assistant"}
-REMOTE_LIMIT = 64 * 2**20  # bytes fetched from one remote URL at most
-
-
-class APIError(Exception):
-    """A request the server refuses: HTTP `status` and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
-    return APIError(400, message, param, code)
 
 
 @dataclass
@@ -76,6 +57,7 @@ class Limits:
     max_media: int = 8
     allow_remote_media: bool = False
     defaults: dict = field(default_factory=dict)  # sampling defaults: the checkpoint's generation_config, else OpenAI's
+    media: MediaLimits = field(default_factory=MediaLimits)  # what one request's media may cost
 
 
 # -- small typed reads --------------------------------------------------------------------------------
@@ -106,9 +88,10 @@ def parse_chat_request(body, limits: Limits, fetch=None) -> ChatRequest:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, -2, 2, 0):
             raise bad(f"'{name}' is not supported (only 0)", name, "unsupported_value")
-    for name in ("tools", "functions", "logit_bias", "response_format", "audio"):
+    for name in ("tools", "functions", "logit_bias", "audio"):
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    _response_format(body.get("response_format"))
     if body.get("logprobs"):
         raise bad("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
     max_tokens = _number(body, "max_completion_tokens", 1, 2**31, None, integer=True)
@@ -142,10 +125,25 @@ def parse_chat_request(body, limits: Limits, fetch=None) -> ChatRequest:
                        float(repetition_penalty), seed, stop, stream, include_usage, media)
 
 
+def _response_format(fmt) -> None:
+    """Only OpenAI's default, `{"type": "text"}`, is served (there is no constrained decoding)."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise bad("'response_format' must be an object with a 'type' (only {\"type\": \"text\"} is supported)", "response_format",
+                  "invalid_type")
+    if fmt["type"] != "text":
+        raise bad(f"'response_format.type' {fmt['type'][:40]!r} is not supported by this server (only 'text')",
+                  "response_format.type", "unsupported_value")
+
+
 def parse_messages(messages, limits: Limits, fetch=None) -> tuple[list[dict], int]:
+    """OpenAI messages → qva messages with decoded media, and the number of media items. Every media part is
+    probed (header only) and charged to the request's budget before any is decoded."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' is required and must be a non-empty list", "messages", "invalid_type")
     out, media = [], 0
+    budget, pending = Budget(limits.media), []  # (part dict, key, decode) filled once every part fits
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -181,14 +179,19 @@ def parse_messages(messages, limits: Limits, fetch=None) -> tuple[list[dict], in
             spec = part.get(kind)
             if not isinstance(spec, dict):
                 raise bad(f"{pwhere}.{kind} must be an object", f"{pwhere}.{kind}", "invalid_type")
+            remote = limits.allow_remote_media
             if kind == "image_url":
-                raw = _url(spec, f"{pwhere}.image_url", limits, fetch)
-                parts.append({"type": "image", "image": decode_image(raw, f"{pwhere}.image_url")})
+                raw = url_bytes(spec, f"{pwhere}.image_url", remote, budget, fetch)
+                part, decode = {"type": "image"}, probe_image(raw, f"{pwhere}.image_url", budget)
             elif kind == "input_audio":
-                parts.append({"type": "audio", "audio": decode_audio(spec, f"{pwhere}.input_audio")})
+                part, decode = {"type": "audio"}, probe_audio(spec, f"{pwhere}.input_audio", budget)
             else:
-                parts.append({"type": "video", "video": decode_video(spec, f"{pwhere}.video_url", limits, fetch)})
+                part, decode = {"type": "video"}, probe_video(spec, f"{pwhere}.video_url", remote, budget, fetch)
+            parts.append(part)
+            pending.append((part, decode))
         out.append({"role": role, "content": parts})
+    for part, decode in pending:
+        part[part["type"]] = decode()
     return out, media
 
 
@@ -198,100 +201,6 @@ def _check_text(text, where: str) -> None:
         chat_template.check_text(text, where)
     except ValueError as e:
         raise bad(str(e), where, "invalid_type" if not isinstance(text, str) else "invalid_value") from None
-
-
-# -- media ----------------------------------------------------------------------------------------------
-def _b64(data, where: str) -> bytes:
-    if not isinstance(data, str):
-        raise bad(f"{where} must be a base64 string", where, "invalid_type")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad(f"{where} is not valid base64", where, "invalid_base64") from None
-
-
-def _url(spec: dict, where: str, limits: Limits, fetch=None) -> bytes:
-    """The bytes behind `spec["url"]`: a `data:` URL, or (if allowed) a remote http(s) one."""
-    url = spec.get("url")
-    if not isinstance(url, str) or not url:
-        raise bad(f"{where}.url must be a string (a data: URL)", f"{where}.url", "invalid_type")
-    if url.startswith("data:"):
-        head, sep, data = url.partition(",")
-        if not sep or not head.endswith(";base64"):
-            raise bad(f"{where}.url must be a base64 data URL (data:<mime>;base64,<data>)", f"{where}.url", "invalid_url")
-        return _b64(data, f"{where}.url")
-    if url.startswith(("http://", "https://")):
-        if not limits.allow_remote_media:
-            raise bad(f"{where}.url: remote URLs are not fetched by this server (start it with --allow-remote-media); "
-                      "send the media inline as a data: URL", f"{where}.url", "remote_media_disabled")
-        return (fetch or fetch_url)(url, f"{where}.url")
-    allowed = "a data: URL" + (" or an http(s) URL" if limits.allow_remote_media else "")
-    raise bad(f"{where}.url must be {allowed}", f"{where}.url", "invalid_url")
-
-
-def fetch_url(url: str, where: str) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https only, checked above)
-            data = r.read(REMOTE_LIMIT + 1)
-    except Exception as e:  # any network failure is the client's URL's problem
-        raise bad(f"{where}: could not fetch {url[:200]} ({type(e).__name__}: {e})"[:400], where, "remote_media_failed") from None
-    if len(data) > REMOTE_LIMIT:
-        raise bad(f"{where}: {url[:200]} is over {REMOTE_LIMIT >> 20} MiB", where, "remote_media_too_large")
-    return data
-
-
-def decode_image(raw: bytes, where: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        im = Image.open(io.BytesIO(raw))
-        im.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise bad(f"{where}: cannot decode the image ({type(e).__name__})", where, "invalid_image") from None
-    return im
-
-
-def decode_video(spec: dict, where: str, limits: Limits, fetch=None) -> list:
-    """Frames of a video: `frames` (image data URLs) or `url` (an animated GIF/WebP as a data URL)."""
-    from PIL import ImageSequence
-
-    frames = spec.get("frames")
-    if frames is not None:
-        if not isinstance(frames, list) or not frames or len(frames) > 256:
-            raise bad(f"{where}.frames must be a list of 1 to 256 image data URLs", f"{where}.frames", "invalid_type")
-        return [decode_image(_url({"url": f}, f"{where}.frames[{i}]", limits, fetch), f"{where}.frames[{i}]") for i, f in enumerate(frames)]
-    raw = _url(spec, where, limits, fetch)
-    try:
-        im = decode_image(raw, where)
-    except APIError:
-        raise bad(f"{where}: cannot decode the video: send an animated GIF/WebP, or its frames as \"frames\": [image data URLs] "
-                  "(e.g. ffmpeg -i in.mp4 -vf fps=2 frames/%04d.png)", where, "invalid_video") from None
-    try:
-        out = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-    except (OSError, ValueError) as e:
-        raise bad(f"{where}: cannot decode the video frames ({type(e).__name__})", where, "invalid_video") from None
-    if len(out) > 256:
-        raise bad(f"{where}: the video has {len(out)} frames, over 256 (send sampled frames instead)", where, "invalid_video")
-    return out
-
-
-def decode_audio(spec: dict, where: str):
-    """`{"data": base64, "format": "wav"|"mp3"|"flac"}` → a 16 kHz mono float32 waveform."""
-    import soundfile as sf
-
-    fmt = spec.get("format")
-    if fmt not in AUDIO_FORMATS:
-        raise bad(f"{where}.format must be one of {sorted(AUDIO_FORMATS)}, got {str(fmt)[:40]!r}", f"{where}.format",
-                  "unsupported_audio_format")
-    raw = _b64(spec.get("data"), f"{where}.data")
-    try:
-        data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)  # [samples, channels]; the container says its codec
-    except Exception as e:  # libsndfile reports every undecodable stream the same way
-        raise bad(f"{where}: cannot decode the audio as {fmt} ({type(e).__name__})", f"{where}.data", "invalid_audio") from None
-    try:
-        return load_audio(np.ascontiguousarray(data.mean(axis=1)), rate)  # [samples] at 16 kHz; NaN/inf refused
-    except AudioError as e:
-        raise bad(f"{where}: {e}", f"{where}.data", "invalid_audio") from None
 
 
 # -- responses ----------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ one `generate` gives for the same prompt, whatever else is in the batch.
 
 Jobs talk back through `job.emit(kind, value)` from this thread: ("token", id), ("done", finish reason
 "stop" | "length"), ("error", exception). The HTTP side turns those into text and responses.
+
+Shutting down (`drain`): jobs run on until the grace period ends; then every running and waiting job is
+finished with "length" (its answer cut short, as by max_tokens), so each response ends cleanly.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Scheduler:
         self.heartbeat = time.monotonic()  # last time the loop made progress
         self.error: BaseException | None = None  # what stopped the loop, if anything did
         self.stopping = False
+        self.cutoff: float | None = None  # when draining: the time at which every job is finished
         self.thread = threading.Thread(target=self._run, name="qva-engine", daemon=True)
         self.thread.start()
 
@@ -127,6 +131,12 @@ class Scheduler:
         """The loop died, or has work and has not moved for `after` seconds."""
         return self.error is not None or not self.thread.is_alive() or (self.busy() and time.monotonic() - self.heartbeat > after)
 
+    def drain(self, timeout: float) -> None:
+        """Finish every job, running or waiting, `timeout` seconds from now (sooner if they end by themselves)."""
+        with self.cond:
+            self.cutoff = time.monotonic() + timeout
+            self.cond.notify()
+
     def close(self) -> None:
         with self.cond:
             self.stopping = True
@@ -145,6 +155,9 @@ class Scheduler:
                         return
                 self.heartbeat = time.monotonic()
                 self._drop_cancelled()
+                if self.cutoff is not None and time.monotonic() >= self.cutoff:
+                    self._cut()
+                    continue
                 self._admit()
                 if self.active:
                     self._step()
@@ -160,6 +173,15 @@ class Scheduler:
                 self._finish(row, None)
         with self.cond:
             self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+
+    def _cut(self) -> None:
+        """The grace period is over: every job ends now, with "length"."""
+        for row in list(self.active):
+            self._finish(row, "length")
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for job in waiting:
+            job.emit("done", "length")
 
     def _admit(self) -> None:
         while True:

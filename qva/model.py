@@ -254,7 +254,7 @@ class QVAModel(nn.Module):
         """Vocabulary logits `[..., V]` of hidden rows `[..., D]`, in the hidden rows' dtype.
 
         A few rows (next-token logits) are matrix–vector products over the weights as stored; many rows
-        run in the hidden rows' dtype (see linear.py).
+        run in the hidden rows' dtype (see linear/dtype_policy.py).
         """
         w = self.lm_head.weight
         if hidden.numel() <= FEW_ROWS * hidden.shape[-1] and not torch.is_grad_enabled():

@@ -17,7 +17,6 @@ the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 
@@ -28,20 +27,14 @@ from weights_loader import Checkpoint, CheckpointError, assert_materialized, loa
 from weights_loader.writer import atomic_folder, tensor_bytes, write_checkpoint_files
 
 from .adapters import apply_adapter, base_of, graft_of, is_adapter_folder
-from .linear import (
-    INT4_GROUPS,
-    INT4_ROW_BLOCK,
-    QUANTIZED_LINEARS,
-    Linear,
-    clear_scratch,
-)
 from .model import QVAModel
 from .processor import Processor
+from .quantize import Plan
+from .quantize import record as record_quantization
 from .qwen2vl_config import Qwen2VLConfig
 from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
-QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "audio_encoder.layers."}  # stacks' linears
 WHISPER_PREFIXES = ("model.encoder.", "encoder.", "audio_encoder.")  # ForConditionalGeneration, WhisperModel, a qva graft
 
 
@@ -91,62 +84,53 @@ def load(
     graft = graft_of(Path(adapter), whisper) if adapter is not None and cfg.audio is None else None
     if graft is not None:  # an adapter trained on a fresh graft: graft the same Whisper the same way first
         whisper, audio_frames, audio_pool, seed = graft["whisper"], graft["audio_frames"], graft["audio_pool"], graft["seed"]
-    fresh_graft = whisper is not None
-    if fresh_graft:
+    if whisper is not None:
         if cfg.audio is not None:
             raise CheckpointError(f"{path}: already has an audio encoder; load it without whisper= to use it")
         cfg = cfg.with_audio(WhisperEncoderConfig.from_pretrained(whisper), audio_frames, audio_pool)
-    processor = Processor.from_pretrained(path, config=cfg) if (path / "tokenizer.json").is_file() else None
-    if cfg.audio is not None and processor is not None and processor.feature_size not in (None, cfg.audio.num_mel_bins):
-        raise CheckpointError(
-            f"{path}: preprocessor_config.json feature_size {processor.feature_size} (mel bins) disagrees with the "
-            f"audio encoder's num_mel_bins {cfg.audio.num_mel_bins}"
-        )
+    processor = load_processor(path, cfg)
+    plan = Plan.for_load(cfg, path, quantize, quantize_modules, group_size)
 
-    stored = stored_quantization(cfg, path)
-    if stored is not None and quantize is not None:
-        raise ValueError(f"{path} is already quantized ({stored['format']}): load it without quantize=")
-    if stored is not None:
-        quantize, quantize_modules, group_size = stored["format"], tuple(stored["modules"]), stored.get("group_size", group_size)
-    check_quantize(quantize, quantize_modules, group_size)
     with on_meta():
-        model = QVAModel(cfg)
-    targets = quantization_targets(model, quantize, quantize_modules, group_size)
-    if fresh_graft:
-        targets = {n: m for n, m in targets.items() if not n.startswith(AUDIO_PREFIXES)}  # quantized after grafting
-    kind = QUANTIZED_LINEARS.get(quantize)
-    if stored is not None:  # empty quantized modules, filled from the checkpoint like any other
-        for name, linear in targets.items():
-            _replace(model, name, kind.empty_like(linear, group_size=group_size))
+        model = QVAModel(cfg)  # the grafted encoder too, filled from `whisper` below
+    targets = plan.read_targets(model, fresh_graft=whisper is not None) if plan else {}
+    if plan:
+        plan.prepare(model, targets)
     with Checkpoint(path) as ckpt:
-        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=not fresh_graft, progress=progress,
-                     deferred=set() if stored is not None else {f"{n}.weight" for n in targets})
-        if stored is None:
-            infos = {name: ckpt.info(f"{name}.weight") for name in targets}
-            read_dtype = dtype or next(iter(infos.values())).dtype if infos else None
-            # one read buffer, the size of the largest weight, reused for each (fresh ones fragment the heap)
-            buffer = torch.empty(max((i.nbytes // i.dtype.itemsize for i in infos.values()), default=0), dtype=read_dtype)
-            for name, linear in targets.items():  # one high-precision weight at a time, quantized as read
-                info = infos[name]
-                weight = ckpt.read(f"{name}.weight", out=buffer[: math.prod(info.shape)].view(info.shape))
-                if info.dtype != buffer.dtype and dtype is None:  # a checkpoint of mixed dtypes: read as stored
-                    weight = ckpt.read(f"{name}.weight")
-                _replace(model, name, kind.from_linear(linear, weight if device is None else weight.to(device), group_size=group_size))
-            del buffer
-            clear_scratch()  # the quantizer's row buffers
-    if fresh_graft:
-        model.audio_encoder = load_whisper_encoder(whisper, dtype=dtype or model.lm_head.weight.dtype, device=device)
-        g = torch.Generator().manual_seed(seed)
-        w = torch.empty(model.audio_projector.weight.shape).normal_(0.0, cfg.initializer_range, generator=g)
-        model.audio_projector.weight = nn.Parameter(w.to(dtype or model.lm_head.weight.dtype).to(device or "cpu"))
-        if quantize and "whisper" in quantize_modules:
-            for name, linear in quantization_targets(model, quantize, ("whisper",), group_size).items():
-                _replace(model, name, kind.from_linear(linear, group_size=group_size))
+        load_weights(model, ckpt, dtype=dtype, device=device, with_audio=whisper is None, progress=progress,
+                     deferred=plan.deferred(targets) if plan else set())
+        if plan:
+            plan.quantize_as_read(model, ckpt, targets, dtype, device)
+    if whisper is not None:
+        graft_whisper(model, whisper, seed, dtype or model.lm_head.weight.dtype, device)
+        if plan and "whisper" in plan.modules:
+            plan.quantize_stack(model, "whisper")
     assert_materialized(model, str(path))
     if adapter is not None:
         apply_adapter(model, adapter)
     model.processor = processor
     return model.eval()
+
+
+def load_processor(path: Path, cfg: Qwen2VLConfig) -> Processor | None:
+    """The folder's processor (None without a tokenizer), checked against the audio encoder's mel bins."""
+    if not (path / "tokenizer.json").is_file():
+        return None
+    processor = Processor.from_pretrained(path, config=cfg)
+    if cfg.audio is not None and processor.feature_size not in (None, cfg.audio.num_mel_bins):
+        raise CheckpointError(
+            f"{path}: preprocessor_config.json feature_size {processor.feature_size} (mel bins) disagrees with the "
+            f"audio encoder's num_mel_bins {cfg.audio.num_mel_bins}"
+        )
+    return processor
+
+
+def graft_whisper(model: QVAModel, whisper, seed: int, dtype: torch.dtype, device) -> None:
+    """Fill the meta-built `model.audio_encoder` from the Whisper checkpoint and draw a fresh projector."""
+    fill_whisper_encoder(model.audio_encoder, whisper, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.empty(model.audio_projector.weight.shape).normal_(0.0, model.config.initializer_range, generator=g)
+    model.audio_projector.weight = nn.Parameter(w.to(dtype).to(device or "cpu"))
 
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -182,59 +166,6 @@ def check_device(device) -> torch.device | None:
     return dev
 
 
-def check_quantize(quantize: str | None, modules: tuple[str, ...], group_size: int) -> None:
-    if quantize is not None and quantize not in QUANTIZED_LINEARS:
-        raise ValueError(f"quantize must be one of {sorted(QUANTIZED_LINEARS)}, got {quantize!r}")
-    unknown = set(modules) - set(QUANTIZABLE)
-    if unknown:
-        raise ValueError(f"quantize_modules takes {sorted(QUANTIZABLE)}, got {sorted(unknown)}")
-    if quantize == "int4" and group_size not in INT4_GROUPS:
-        raise ValueError(f"group_size must be one of {INT4_GROUPS} for int4, got {group_size!r}")
-
-
-def quantization_targets(model: QVAModel, quantize: str | None, modules: tuple[str, ...], group_size: int) -> dict[str, Linear]:
-    """The `Linear`s of the named stacks that `quantize` applies to (int4 needs in % group and out % 64 == 0:
-    others stay as loaded, and a saved model reloads by the same rule)."""
-    if quantize is None:
-        return {}
-    prefixes = tuple(QUANTIZABLE[m] for m in modules)
-    found = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith(prefixes)}
-    if quantize == "int4":
-        found = {n: m for n, m in found.items() if m.in_features % group_size == 0 and m.out_features % INT4_ROW_BLOCK == 0}
-    return found
-
-
-def stored_quantization(cfg, path) -> dict | None:
-    """The `quantization_config` that `save` writes for a quantized model, checked; None for a plain checkpoint."""
-    q = cfg.raw.get("quantization_config")
-    if q is None:
-        return None
-    if not isinstance(q, dict) or q.get("quant_method") != "qva" or q.get("format") not in QUANTIZED_LINEARS or \
-            not isinstance(q.get("modules"), list) or set(q["modules"]) - set(QUANTIZABLE):
-        raise CheckpointError(f"{Path(path) / 'config.json'}: quantization_config must be qva's "
-                              f"{{'quant_method': 'qva', 'format': one of {sorted(QUANTIZED_LINEARS)}, 'modules': [...]}}, got {q!r}")
-    return q
-
-
-def model_quantization(model: QVAModel) -> dict | None:
-    """What `save` records of a quantized model: the format, its group size and the quantized stacks."""
-    by_kind = {kind: fmt for fmt, kind in QUANTIZED_LINEARS.items()}
-    found = {(by_kind[type(m)], getattr(m, "group_size", None), stack) for n, m in model.named_modules() if type(m) in by_kind
-             for stack, prefix in QUANTIZABLE.items() if n.startswith(prefix)}
-    if not found:
-        return None
-    if len({(f, g) for f, g, _ in found}) > 1:
-        raise ValueError(f"cannot save a model quantized in several formats: {sorted({(f, g) for f, g, _ in found})}")
-    fmt, group, _ = next(iter(found))
-    out = {"quant_method": "qva", "format": fmt, "modules": sorted({s for _, _, s in found})}
-    return out | ({"group_size": group} if group is not None else {})
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ignore=None, with_audio: bool = True, progress=None,
                  deferred: set[str] = frozenset()) -> None:
     """Assign the tensors of `ckpt` to a meta-built `model`: visual, LLM, untied lm_head and, unless
@@ -263,19 +194,24 @@ def load_whisper_encoder(
     `dtype` defaults to the stored dtype; pass an open `checkpoint` to inspect what was read.
     """
     cfg = WhisperEncoderConfig.from_pretrained(path)
-    ckpt = checkpoint or Checkpoint(path)
-    prefix = next((p for p in WHISPER_PREFIXES if ckpt.names(p)), None)
-    if prefix is None:
-        raise CheckpointError(f"{path}: no Whisper encoder tensors (expected names under {' or '.join(WHISPER_PREFIXES)})")
     with on_meta():
         model = WhisperEncoder(cfg)
+    fill_whisper_encoder(model, path, dtype, device, checkpoint)
+    return model.eval()
+
+
+def fill_whisper_encoder(encoder: WhisperEncoder, path, dtype=None, device=None, checkpoint: Checkpoint | None = None) -> None:
+    """Assign a meta-built encoder's tensors from a Whisper checkpoint (any of `WHISPER_PREFIXES`)."""
+    ckpt = checkpoint or Checkpoint(path)
     try:
-        load_into(model, ckpt, prefix=prefix, dtype=dtype, device=device)
+        prefix = next((p for p in WHISPER_PREFIXES if ckpt.names(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: no Whisper encoder tensors (expected names under {' or '.join(WHISPER_PREFIXES)})")
+        load_into(encoder, ckpt, prefix=prefix, dtype=dtype, device=device)
     finally:
         if checkpoint is None:
             ckpt.close()
-    assert_materialized(model, str(path))
-    return model.eval()
+    assert_materialized(encoder, str(path))
 
 
 def save(model: QVAModel, path: str | os.PathLike, processor: Processor | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
@@ -296,7 +232,7 @@ def write_model_files(model: QVAModel, folder: Path, processor: Processor | None
     files = processor.files() if processor is not None else {}
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    quantization = model_quantization(model)
+    quantization = record_quantization(model)
     if quantization is not None:
         config["quantization_config"] = quantization
     write_checkpoint_files(folder, tensors, config, files, max_shard_bytes)

@@ -131,7 +131,7 @@ class WhisperEncoder(nn.Module):
                 f"WhisperEncoder: input_features must be [windows, {cfg.num_mel_bins}, {cfg.input_frames}] "
                 f"(log-mel of padded 30 s windows), got {list(features.shape)}"
             )
-        x = features.to(large_matmul_dtype(self.conv1.weight.dtype, self.conv1.weight.device))  # see linear.py
+        x = features.to(large_matmul_dtype(self.conv1.weight.dtype, self.conv1.weight.device))  # see linear/dtype_policy.py
         x = F.gelu(self.conv1(x))  # [B, d, 3000]
         x = F.gelu(self.conv2(x))  # [B, d, 1500]
         x = rearrange(x, "b d t -> b t d") + self.embed_positions.weight.to(x.dtype)

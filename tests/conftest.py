@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qva.demo import randomize_
+from qva.linear import Linear, add_lora, measure, set_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -222,6 +224,59 @@ class Reference:
         """Mean cross-entropy of `labels[:, t + 1]` from position t over labelled (≠ −100) positions."""
         logits = self.forward(*args, **kwargs)
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+# -- qva.linear: references, what autograd saves, fixtures ----------------------------------------------------
+def reference(x, weight, bias):
+    """fp32 product of the same (rounded) weights."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def saved_during(fn) -> list[torch.Tensor]:
+    """Every tensor autograd saves for backward while `fn` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+def lora_linear(dtype=torch.float32, rank=4, alpha=8.0, dropout=0.0) -> Linear:
+    torch.manual_seed(0)
+    lin = Linear(16, 12).to(dtype)
+    return add_lora(lin, rank, alpha, dropout)
+
+
+def bnb_plain_torch(op: str, *args):
+    """bitsandbytes' plain-torch kernel for `op` (its "default" backend), not its native CPU library, whose
+    8-bit blockwise quantizer is only approximately nearest (it takes the farther code for ~0.15% of values
+    within ~1e-5 of a midpoint)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return getattr(torch.ops.bitsandbytes, op).default.redispatch(keys, *args)
+
+
+@pytest.fixture(autouse=True)
+def restore_policy():
+    """Every test leaves the compute-dtype policy as it found it."""
+    yield
+    set_policy(None)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # each case compiles anew (and stays under the recompile limit)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """Kernel choices measured into a fresh cache folder (and forgotten by the process afterwards)."""
+    monkeypatch.setenv("QVA_CACHE", str(tmp_path))
+    monkeypatch.delenv(measure.KERNEL_OVERRIDE, raising=False)
+    monkeypatch.setattr(measure, "_choices", None)
+    yield tmp_path
+    measure._choices = None
+
 
 
 # -- the demo checkpoints, written once, and broken copies of them -----------------------------------------

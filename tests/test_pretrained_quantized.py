@@ -12,15 +12,16 @@ from conftest import rel_l2
 
 import qva
 from qva import linear as L
+from qva.linear import measure
 from weights_loader import CheckpointError
 
 
 @pytest.fixture(autouse=True)
 def kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QVA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(L, "_choices", None)
+    monkeypatch.setattr(measure, "_choices", None)
     yield
-    L._choices = None
+    measure._choices = None
 
 
 def prompt_ids() -> torch.Tensor:

@@ -183,7 +183,8 @@ def apply_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
         if not bool(torch.isfinite(weight).all()):
             raise CheckpointError(f"{folder / PROJECTOR}: audio_projector.weight holds NaN or infinite values")
         if weight.shape != model.audio_projector.weight.shape:
-            raise CheckpointError(f"{folder / PROJECTOR}: shape {list(weight.shape)}, the model's projector is {list(model.audio_projector.weight.shape)}")
+            raise CheckpointError(f"{folder / PROJECTOR}: shape {list(weight.shape)}, "
+                                  f"the model's projector is {list(model.audio_projector.weight.shape)}")
         model.audio_projector.weight = nn.Parameter(weight.to(model.audio_projector.weight.device))
 
 

@@ -19,19 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .linear import QUANTIZED_LINEARS
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, no traceback."""
+from .cli_common import UserError, add_load_flags, load_kwargs, one_line_errors
+from .sampling import SamplingParams
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qva-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="Qwen2-VL checkpoint folder, or a saved qva graft")
-    p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
+    add_load_flags(p)
     p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", type=Path, help="folder of frames, or an animated GIF/WebP")
     p.add_argument("--audio", type=Path, action="append", default=[], help="audio file (repeatable)")
@@ -43,12 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
-    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper")
-    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero (32, 64, 128)")
     p.add_argument("--demo", action="store_true", help="run on a tiny random-weight model (no weights needed)")
     return p.parse_args(argv)
 
@@ -98,14 +87,13 @@ def demo_inputs(args) -> None:
 
 
 def run(args) -> None:
-    from .generate import check_generation_args, stream_text
+    from .generate import stream_text
     from .pretrained import load
 
     if args.demo:
         demo_inputs(args)
-    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed)
-    check_generation_args(args.max_new_tokens, **{k: v for k, v in sampling.items() if k != "seed"})
+    sampling = SamplingParams(args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise UserError("--top-k/--top-p need sampling: give a --temperature > 0 as well")
     if args.model is None or args.prompt is None:
@@ -117,8 +105,7 @@ def run(args) -> None:
 
     t0 = time.perf_counter()
     print(f"loading {args.model}" + (f" + {args.whisper}" if args.whisper else "") + " ...", file=sys.stderr, flush=True)
-    model = load(args.model, whisper=args.whisper, dtype=DTYPES.get(args.dtype), device=args.device, progress=progress_bar,
-                 quantize=args.quantize, quantize_modules=tuple(args.quantize_modules.split(",")), group_size=args.group_size)
+    model = load(args.model, **load_kwargs(args), progress=progress_bar)
     if model.processor is None:
         raise UserError(f"{args.model}: no tokenizer.json in the model folder")
     print(f"\nloaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -135,7 +122,7 @@ def run(args) -> None:
 
     stats: dict = {}
     t_start = time.perf_counter()
-    for piece in stream_text(model, model.processor, inputs, stats, max_new_tokens=args.max_new_tokens, compile=args.compile, **sampling):
+    for piece in stream_text(model, model.processor, inputs, stats, sampling=sampling, compile=args.compile):
         print(piece, end="", flush=True)
     t_end = time.perf_counter()
     print()
@@ -192,20 +179,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["audio-info"]:
         return audio_info(argv[1:])
-    args = parse_args(argv)
-    from weights_loader import CheckpointError
-
-    from .audio import AudioError
-    from .image_processing import ImageError
-
-    try:
-        run(args)
-    except (UserError, CheckpointError, AudioError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"qva-generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return one_line_errors("qva-generate", run, parse_args(argv))
 
 
 if __name__ == "__main__":

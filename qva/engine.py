@@ -48,7 +48,11 @@ class Decoder:
         """ids `[B]`, positions `[3, B, 1]`, slots `[B]` (each row's write slot), key_valid `[B, max_len]`."""
         kv_len = self.cache.max_len if self.static else int(slots.max()) + 1  # compiled: always the whole buffer
         visible = key_valid[:, :kv_len] & (torch.arange(kv_len, device=ids.device) <= slots[:, None])  # [B, kv_len]
-        return self.step(ids, positions, slots[:, None], visible[:, None, None, :])
+        if not self.static:
+            return self.step(ids, positions, slots[:, None], visible[:, None, None, :])
+        # one compiled graph per bucket (and per gemv choice): more than dynamo's default of 8, for this step only
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
+            return self.step(ids, positions, slots[:, None], visible[:, None, None, :])
 
 
 class Engine:
@@ -67,8 +71,6 @@ class Engine:
         self.key_valid = torch.ones(rows, max_len, dtype=torch.bool, device=self.device)  # [rows, max_len]
         self.length = [0] * rows  # host copy of `slot`: tokens in each row (0: free)
         self.decoders: dict[int, Decoder] = {}  # batch bucket → decode step over the cache's first rows
-        if compile:  # one compiled graph per bucket (and per gemv choice): more than dynamo's default of 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def bucket(self, n: int) -> int:
         """Rows a step over the first n rows runs: n itself eagerly, the next power of two (≤ rows) compiled."""

@@ -166,10 +166,15 @@ def patchify(frames: np.ndarray, cfg: VisionPreprocessConfig) -> tuple[torch.Ten
     return rows.contiguous(), [t // tp, h // p, w // p]
 
 
+def pixel_bounds(cfg, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(min, max) pixels: the call's where given, else the processor config's."""
+    return (cfg.min_pixels if min_pixels is None else min_pixels, cfg.max_pixels if max_pixels is None else max_pixels)
+
+
 def process_image(image, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
     """One image → (rows `[N, 1176]` float32, grid [1, h/14, w/14])."""
     rgb = to_rgb(image)
-    size = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels if min_pixels is None else min_pixels, cfg.max_pixels if max_pixels is None else max_pixels)
+    size = smart_resize(rgb.height, rgb.width, cfg.factor, *pixel_bounds(cfg, min_pixels, max_pixels))
     x = _normalized(rgb, size, cfg)
     return patchify(np.repeat(x[None], cfg.temporal_patch_size, axis=0), cfg)
 
@@ -200,7 +205,7 @@ def process_video(video, cfg: VisionPreprocessConfig, min_pixels: int | None = N
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise ImageError(f"video frames differ in size: {sorted(sizes)}")
-    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, cfg.min_pixels if min_pixels is None else min_pixels, cfg.max_pixels if max_pixels is None else max_pixels)
+    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, *pixel_bounds(cfg, min_pixels, max_pixels))
     x = np.stack([_normalized(f, size, cfg) for f in frames])  # [T, 3, h, w]
     if len(frames) % cfg.temporal_patch_size:
         pad = cfg.temporal_patch_size - len(frames) % cfg.temporal_patch_size

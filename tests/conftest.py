@@ -338,9 +338,9 @@ def train_config(train_dirs, tmp_path, stage="1", **kw):
     from qva.train.config import TrainConfig
 
     _, qwen, _, whisper, manifest = train_dirs
-    base = dict(stage=stage, model=str(qwen), whisper=str(whisper) if stage == "1" else None, train=str(manifest),
+    base = dict(stage=stage, model=str(qwen), whisper=str(whisper) if stage == "1" else None, train_data=str(manifest),
                 out=str(tmp_path / f"run{stage}"), steps=3, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                cache="none", log_every=1, prompt="Write the number.")
+                rows_cache="none", log_every=1, prompt="Write the number.")
     base.update(kw)
     return TrainConfig(**base)
 

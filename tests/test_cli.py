@@ -125,9 +125,8 @@ def test_every_bad_input_is_one_line_and_exit_2(demo_dirs, tmp_path, capsys, mon
 
     import numpy as np
     import soundfile as sf
-    from PIL import Image
-
     from conftest import broken_copy
+    from PIL import Image
 
     qwen, whisper = demo_dirs
     model = broken_copy(qwen, tmp_path / "model", **files) if files else qwen

@@ -8,8 +8,13 @@ import re
 import pytest
 import torch
 from conftest import (
-    AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_PAD, VISION_END, VISION_START,
+    AUDIO_END,
+    AUDIO_PAD,
+    AUDIO_START,
+    IMAGE_PAD,
     VIDEO_PAD,
+    VISION_END,
+    VISION_START,
     left_padded,
     pixels,
     prompt,

@@ -20,8 +20,22 @@ import pytest
 import soundfile as sf
 from conftest import ServeProcess, http
 from PIL import Image
-from serve_helpers import (PeakRSS, audio_part, b64, connect, error_of, image_part, metric, png, read_answer, request_head, status_of,
-                           until, wait_closed, wav)
+from serve_helpers import (
+    PeakRSS,
+    audio_part,
+    b64,
+    connect,
+    error_of,
+    image_part,
+    metric,
+    png,
+    read_answer,
+    request_head,
+    status_of,
+    until,
+    wait_closed,
+    wav,
+)
 
 from qva.serve.errors import APIError
 from qva.serve.fetch import LOOPBACK_ENV

@@ -13,8 +13,18 @@ import torch
 import qva
 from qva.processor import Processor
 from qva.train.augment import AugmentConfig, add_noise, spec_augment, speed_perturb
-from qva.train.data import (DataError, check_max_seq_len, clip_key, collate, describe_skipped, encode, encode_all, encoder_fingerprint,
-                            fill_audio_rows, read_manifest)
+from qva.train.data import (
+    DataError,
+    check_max_seq_len,
+    clip_key,
+    collate,
+    describe_skipped,
+    encode,
+    encode_all,
+    encoder_fingerprint,
+    fill_audio_rows,
+    read_manifest,
+)
 from qva.train.evaluate import normalize, score, word_errors
 
 

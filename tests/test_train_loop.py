@@ -16,9 +16,8 @@ import qva.train.loop as loop
 from qva.audio import load_audio, log_mel
 from qva.linear import LORA_TARGETS, add_lora, lora_linears, set_policy
 from qva.train.cli import main as train_cli
-from qva.train.loop import TrainConfig, TrainError, train
+from qva.train.loop import TrainError, train
 from weights_loader import Checkpoint
-
 
 config = train_config
 
@@ -130,7 +129,7 @@ def test_stage2_moves_only_projector_and_lora(stage1, train_dirs, tmp_path):
 
 def test_stage_lm_trains_the_llm_with_frozen_embeddings(train_dirs, tmp_path):
     cfg = config(train_dirs, tmp_path, "lm", steps=2, freeze=("embeddings",), whisper=None,
-                 train=str(text_manifest(tmp_path)))
+                 train_data=str(text_manifest(tmp_path)))
     train(cfg, quiet=True)
     before, after = tensors(train_dirs[1]), tensors(cfg.out)
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
@@ -178,7 +177,7 @@ def stage2_with_samples(train_dirs, tmp_path, n: int, dtype=torch.float32):
 
     cfg = config(train_dirs, tmp_path, "2", model=str(train_dirs[1]), whisper=str(train_dirs[3]))
     model = loop.build_model(cfg).train()
-    examples, _ = read_manifest(cfg.train, cfg.prompt)
+    examples, _ = read_manifest(cfg.train_data, cfg.prompt)
     samples, _ = encode_all(examples[:n], model.processor, 4096)
     fill_audio_rows(model, samples, None)
     params = loop.check_trainable(model, cfg)
@@ -311,7 +310,7 @@ def test_bf16_stored_training_step_keeps_no_fp32_weight_copies(train_dirs):
 
 # -- output, evaluation, CLI ----------------------------------------------------------------------------------------
 def test_eval_and_merge_cli(stage1, train_dirs, tmp_path, capsys):
-    cfg = config(train_dirs, tmp_path, "2", model=stage1.out, steps=2, eval=str(train_dirs[4]), eval_limit=4)
+    cfg = config(train_dirs, tmp_path, "2", model=stage1.out, steps=2, eval_data=str(train_dirs[4]), eval_limit=4)
     train(cfg, quiet=True)
     assert train_cli(["eval", cfg.out, "--data", str(train_dirs[4]), "--json", "--limit", "4", "--cache", "none"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -90,8 +90,8 @@ def test_resume_names_every_changed_setting_and_refuses_those_it_cannot_honour(t
         train(replace(again, lora_rank=8, allow_changes=("lr",)), quiet=True)
     manifest = tmp_path / "changed.jsonl"
     manifest.write_text("")
-    with pytest.raises(TrainError, match=r"train '.*' → '.*changed\.jsonl'"):
-        train(replace(again, train=str(manifest)), quiet=True)
+    with pytest.raises(TrainError, match=r"train_data '.*' → '.*changed\.jsonl'"):
+        train(replace(again, train_data=str(manifest)), quiet=True)
     train(replace(again, lr=1e-3, allow_changes=("lr",)))
     err = capsys.readouterr().err
     assert "note: on resume, lr 0.01 → 0.001" in err and "note: on resume, steps 2 → 3" in err and "resumed from" in err
@@ -103,12 +103,12 @@ def test_a_changed_data_file_is_refused_on_resume(train_dirs, tmp_path):
     manifest = tmp_path / "train.jsonl"
     lines = [json.loads(line) for line in Path(train_dirs[4]).read_text().splitlines()]
     manifest.write_text("".join(json.dumps({**x, "audio": str(Path(train_dirs[4]).parent / x["audio"])}) + "\n" for x in lines))
-    cfg = train_config(train_dirs, tmp_path, "1", steps=1, train=str(manifest))
+    cfg = train_config(train_dirs, tmp_path, "1", steps=1, train_data=str(manifest))
     train(cfg, quiet=True)
     manifest.write_text("\n".join(manifest.read_text().splitlines()[:4]) + "\n")
-    with pytest.raises(TrainError, match=r"train: the content of .*train\.jsonl changed since the run started"):
+    with pytest.raises(TrainError, match=r"train_data: the content of .*train\.jsonl changed since the run started"):
         train(replace(cfg, resume=True, steps=2), quiet=True)
-    train(replace(cfg, resume=True, steps=2, allow_changes=("train",)), quiet=True)
+    train(replace(cfg, resume=True, steps=2, allow_changes=("train_data",)), quiet=True)
 
 
 def test_resume_without_a_checkpoint_says_so(train_dirs, tmp_path, capsys):
@@ -121,10 +121,10 @@ def test_resume_without_a_checkpoint_says_so(train_dirs, tmp_path, capsys):
 
 
 def test_a_run_that_failed_before_its_first_step_can_simply_be_run_again(train_dirs, tmp_path):
-    cfg = train_config(train_dirs, tmp_path, "1", steps=1, train=str(tmp_path / "missing.jsonl"))
+    cfg = train_config(train_dirs, tmp_path, "1", steps=1, train_data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(Exception, match="no such manifest"):
         train(cfg, quiet=True)
-    train(replace(cfg, train=str(train_dirs[4])), quiet=True)  # the same --out, no --overwrite needed
+    train(replace(cfg, train_data=str(train_dirs[4])), quiet=True)  # the same --out, no --overwrite needed
     assert steps_saved(Path(cfg.out)) == ["step-00000001"]
 
 
@@ -248,7 +248,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_resume_after_freeing_space_w
         return real(tensors, path, *a, **k)
 
     monkeypatch.setattr(C, "save_file", full_on_second)
-    args = ["--stage", "1", "--model", cfg.model, "--whisper", cfg.whisper, "--train", cfg.train, "--out", cfg.out, "--steps", "3",
+    args = ["--stage", "1", "--model", cfg.model, "--whisper", cfg.whisper, "--train", cfg.train_data, "--out", cfg.out, "--steps", "3",
             "--save-every", "1", "--cache", "none", "--prompt", cfg.prompt, "--lr", "1e-2", "--batch-size", "2"]
     assert train_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -280,7 +280,7 @@ def test_stage2_on_a_plain_base_loads_merges_evaluates_and_moves(train_dirs, tmp
     with torch.no_grad():
         ref = adapted(IDS).logits
     assert train_cli(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
-    assert train_cli(["eval", str(out), "--data", cfg.train, "--json", "--limit", "2", "--cache", "none"]) == 0
+    assert train_cli(["eval", str(out), "--data", cfg.train_data, "--json", "--limit", "2", "--cache", "none"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
     merged = qva.load(tmp_path / "merged")
     with torch.no_grad():
@@ -370,7 +370,7 @@ def test_a_second_signal_aborts_at_once_and_leaves_intact_checkpoints(train_dirs
 
     monkeypatch.setattr(loop, "lr_factor", first)
     monkeypatch.setattr(C, "save_file", second)
-    args = ["--stage", "1", "--model", cfg.model, "--whisper", cfg.whisper, "--train", cfg.train, "--out", cfg.out, "--steps", "40",
+    args = ["--stage", "1", "--model", cfg.model, "--whisper", cfg.whisper, "--train", cfg.train_data, "--out", cfg.out, "--steps", "40",
             "--save-every", "1", "--cache", "none", "--prompt", cfg.prompt, "--lr", "1e-2", "--batch-size", "2"]
     assert train_cli(args) == 128 + signal.SIGTERM
     assert "aborted by a second SIGTERM; the last intact checkpoint is kept" in capsys.readouterr().err
@@ -403,3 +403,24 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(train_dirs, tm
     a, b = final_trainable(out), final_trainable(tmp_path / "whole")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert qva.load(out) is not None
+
+
+def test_settings_are_written_once_and_old_field_names_still_work(train_dirs, tmp_path):
+    """Every TrainConfig / AugmentConfig field is a flag (with help), and the fields renamed from train/eval/cache
+    still load, with a DeprecationWarning; a run folder's old record reads under the new names."""
+    from dataclasses import fields
+
+    from qva.train.augment import AugmentConfig
+    from qva.train.cli import train_parser
+    from qva.train.config import TrainConfig
+
+    actions = {a.dest: a for a in train_parser()._actions}
+    for cls in (TrainConfig, AugmentConfig):
+        for f in fields(cls):
+            if f.name != "augment":
+                assert f.name in actions and actions[f.name].help, f.name
+    with pytest.warns(DeprecationWarning, match=r"TrainConfig\(train=\.\.\.\) is now TrainConfig\(train_data=\.\.\.\)"):
+        cfg = TrainConfig(stage="1", model="m", train="t.jsonl", out="o", steps=1, eval="d.jsonl", cache="none")
+    assert (cfg.train_data, cfg.eval_data, cfg.rows_cache) == ("t.jsonl", "d.jsonl", "none")
+    old = json.dumps({"stage": "1", "model": "m", "train": "t.jsonl", "out": "o", "steps": 1, "cache": "none"})
+    assert TrainConfig.from_json(old).train_data == "t.jsonl"

@@ -14,13 +14,13 @@ The model files (`qwen2.py`, `vision.py`, `whisper_encoder.py`) use `Linear` / `
 like the papers; which layers get quantized, and when, is `qva/quantize.py`'s.
 """
 
-from .dense import Conv1d, LayerNorm, Linear, StoredWeightProduct, matmul, swap_linears
+from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, scratch
 from .decode import LANES, MAX_ROWS, MIN_IN_FEATURES, few_rows_product, gemv, gemv_eligible, linear_without_onednn, measure_gemv, use_gemv
+from .dense import Conv1d, LayerNorm, Linear, StoredWeightProduct, matmul, swap_linears
+from .dtype_policy import HALF, POLICIES, cpu_has_fast_half_matmul, large_matmul_dtype, policy, set_policy
 from .lora import LORA_TARGETS, add_lora, lora_delta, lora_linears, lora_weight, merge_lora, unmerge_lora, with_lora
 from .measure import KERNEL_OVERRIDE, fastest, kernel_cache_file, rows_bucket
 from .nf4 import ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, NF4Linear, NF4Product, dynamic_map, nf4_dequantize, nf4_quantize, quantize_nf4_
-from .dtype_policy import HALF, POLICIES, cpu_has_fast_half_matmul, large_matmul_dtype, policy, set_policy
-from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, scratch
 from .weight_only import (
     INT4_GROUPS,
     INT4_ROW_BLOCK,

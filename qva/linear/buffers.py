@@ -9,7 +9,6 @@ import threading
 
 import torch
 
-
 # -- products over a stored weight ---------------------------------------------------------------------------
 _scratch = threading.local()
 

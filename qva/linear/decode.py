@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .measure import fastest
 from .dtype_policy import HALF
-
+from .measure import fastest
 
 # -- decode: matrix–vector products over half-precision weights, for torch.compile on CPU ----------------------
 # One-token decoding reads every weight once per step, so its speed is the rate at which weights stream

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .buffers import cast_weight
 from .decode import MAX_ROWS, few_rows_product, gemv, use_gemv
 from .lora import with_lora
-from .buffers import cast_weight
 
 
 class StoredWeightProduct(torch.autograd.Function):

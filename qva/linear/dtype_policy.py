@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from .measure import fastest
 
-
 # -- the dtype policy ---------------------------------------------------------------------------------------
 POLICIES = ("auto", "storage", "float32")
 

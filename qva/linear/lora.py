@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # -- LoRA -----------------------------------------------------------------------------------------------------
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the LLM's linears
 
 
 def add_lora(linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Give `linear` (a `Linear` or a quantized linear of this file) LoRA factors `lora_A` `[rank, in]` (kaiming-uniform, as PEFT) and `lora_B` `[out, rank]`
-    (zeros), scaled by alpha / rank, with dropout on the factors' input. Returns `linear`."""
+    """Give `linear` (a dense or quantized linear) LoRA factors `lora_A` `[rank, in]` (kaiming-uniform, as PEFT) and
+    `lora_B` `[out, rank]` (zeros), scaled by alpha / rank, with dropout on the factors' input. Returns `linear`."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be ≥ 1, got {rank}")
     device = next(t for t in (*linear.parameters(), *linear.buffers())).device

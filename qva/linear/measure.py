@@ -19,7 +19,6 @@ import torch
 
 from weights_loader.writer import WriteError, atomic_file
 
-
 # -- kernels chosen by measurement --------------------------------------------------------------------------------
 KERNEL_OVERRIDE = "QVA_KERNEL"  # a candidate's name forces it wherever it is offered: aten, dequant, gemv, linear
 

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .buffers import dequantize_out
 from .dense import swap_linears
 from .frozen import filled
 from .lora import with_lora
-from .buffers import dequantize_out
-
 
 # -- NF4: QLoRA's 4-bit NormalFloat base weights ------------------------------------------------------------
 # The 16 levels are the QLoRA paper's (appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.

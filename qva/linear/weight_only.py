@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .buffers import cast_weight, dequantize_out, scratch
 from .frozen import filled
 from .lora import with_lora
 from .measure import fastest, rows_bucket
-from .buffers import cast_weight, dequantize_out, scratch
-
 
 # -- int8 / int4: weight-only quantized inference ---------------------------------------------------------------
 # Decoding reads every weight once per token, so its speed is bytes per token: int8 halves bf16's, int4

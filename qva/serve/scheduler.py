@@ -6,10 +6,11 @@
 Each loop: drop cancelled jobs (a disconnected client's row is freed before the next step), prefill
 waiting jobs into free rows (lowest first, so decode steps stay over as few rows as possible), then one
 decode step over the rows up to the highest busy one. Every job samples with its own settings and
-generator (`generate.sample_next`, the same function offline `generate` uses), so a greedy answer is the
+generator (`sampling.sample_next`, the same function offline `generate` uses), so a greedy answer is the
 one `generate` gives for the same prompt, whatever else is in the batch.
 
-Jobs talk back through `job.emit(kind, value)` from this thread: ("token", id), ("done", finish reason
+A job is one prompt: a chat request, or one window of a transcription. Jobs talk back through
+`job.emit(kind, value)` from this thread: ("token", id), ("done", finish reason
 "stop" | "length"), ("error", exception). The HTTP side turns those into text and responses.
 
 Shutting down (`drain`): jobs run on until the grace period ends; then every running and waiting job is
@@ -27,7 +28,8 @@ from typing import Callable
 import torch
 
 from ..engine import Engine
-from ..generate import sample_next
+from ..sampling import SamplingParams, sample_next
+from .metrics import Stats
 
 
 class QueueFull(Exception):
@@ -46,54 +48,24 @@ class Job:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    logprobs: bool = False  # keep the sum of the chosen tokens' log-probabilities (transcription's avg_logprob)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     # set by the scheduler
     produced: int = 0
+    logprob_sum: float = 0.0
     last: int = 0
     history: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
     @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens, self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                              self.seed)
+
+    @property
     def prompt_tokens(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
-
-
-class Stats:
-    """Counters for /metrics, written by the engine thread and read by the HTTP one (the deque under a lock)."""
-
-    TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-    def __init__(self):
-        self.prompt_tokens = self.generation_tokens = 0
-        self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
-        self.ttft_sum = 0.0
-        self.recent = collections.deque()  # (time, tokens) of decode steps in the last 10 s
-        self.lock = threading.Lock()
-
-    def first_token(self, seconds: float) -> None:
-        self.ttft_sum += seconds
-        for i, edge in enumerate(self.TTFT_BUCKETS):
-            if seconds <= edge:
-                self.ttft_counts[i] += 1
-                return
-        self.ttft_counts[-1] += 1
-
-    def tokens(self, n: int) -> None:
-        now = time.monotonic()
-        self.generation_tokens += n
-        with self.lock:
-            self.recent.append((now, n))
-            while self.recent and self.recent[0][0] < now - 10:
-                self.recent.popleft()
-
-    def tokens_per_second(self) -> float:
-        with self.lock:
-            now, recent = time.monotonic(), list(self.recent)
-        recent = [(t, n) for t, n in recent if t >= now - 10]
-        if not recent:
-            return 0.0
-        return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3)
 
 
 class Scheduler:
@@ -219,10 +191,11 @@ class Scheduler:
     def _next(self, row: int, job: Job, logits: torch.Tensor) -> None:
         """Sample the job's next token from `[1, V]` logits, hand it over, finish the job if it is done (a job
         cancelled meanwhile is dropped at the start of the next loop, `_drop_cancelled`)."""
-        token = int(sample_next(logits, job.history, job.do_sample, job.temperature, job.top_k, job.top_p,
-                                job.repetition_penalty, job.generator)[0])
+        token = int(sample_next(logits, job.history, job.sampling, job.generator)[0])
         job.produced += 1
         job.last = token
+        if job.logprobs:  # of the model's distribution, before temperature (Whisper's avg_logprob)
+            job.logprob_sum += float(torch.log_softmax(logits[0].float(), -1)[token])
         if job.repetition_penalty != 1.0:
             job.history = torch.cat([job.history, job.history.new_tensor([[token]])], dim=1)
         if token in job.eos:

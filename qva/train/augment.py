@@ -13,18 +13,24 @@ from dataclasses import dataclass
 import torch
 
 from ..audio import SAMPLE_RATE
+from ..cli_common import comma_floats, opt
 from ..resample import resample
 
 
 @dataclass
 class AugmentConfig:
-    speeds: tuple[float, ...] = ()  # each clip's speed factor drawn from these (e.g. 0.9, 1.0, 1.1)
-    noise_snr: tuple[float, float] | None = None  # white noise at an SNR (dB) drawn from this range
-    noise_prob: float = 0.5  # probability a clip gets noise
-    time_masks: int = 0  # SpecAugment: masks over time per window (within the clip's valid frames)
-    time_mask_width: int = 40  # … each up to this many mel frames (10 ms each)
-    freq_masks: int = 0  # masks over mel bins per window
-    freq_mask_width: int = 15  # … each up to this many bins
+    speeds: tuple[float, ...] = opt(tuple, "augment: speed factors, e.g. 0.9,1.0,1.1 (tempo and pitch together)",
+                                    flag="--speed-perturb", type=comma_floats)
+    noise_snr: tuple[float, float] | None = opt(None, "augment: white noise at an SNR drawn from LO,HI dB", type=comma_floats)
+    noise_prob: float = opt(0.5, "augment: probability a clip gets noise")
+    time_masks: int = opt(0, "augment: SpecAugment masks over time per window (within the clip's valid frames)")
+    time_mask_width: int = opt(40, "augment: each time mask up to this many mel frames (10 ms each)")
+    freq_masks: int = opt(0, "augment: SpecAugment masks over mel bins per window")
+    freq_mask_width: int = opt(15, "augment: each frequency mask up to this many bins")
+
+    def __post_init__(self):
+        if self.noise_snr is not None and len(self.noise_snr) != 2:
+            raise ValueError(f"--noise-snr takes LO,HI, got {self.noise_snr}")
 
     @property
     def on(self) -> bool:

@@ -11,12 +11,15 @@ On resume each setting that differs from the run's record is named. Three kinds:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
+from ..cli_common import REQUIRED, comma_names, from_args, opt
 from ..linear import LORA_TARGETS
 from .augment import AugmentConfig
 
@@ -32,52 +35,55 @@ class TrainError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    stage: str
-    model: str  # Qwen2-VL checkpoint, saved graft, or (stage 2) a stage-1 output
-    train: str  # JSONL manifest
-    out: str  # run folder: checkpoints, metrics, and the trained model at the end
-    whisper: str | None = None  # graft this Whisper on first (stage 1 on a plain Qwen2-VL)
-    eval: str | None = None  # dev manifest: loss, exact match and WER every `eval_every` steps
-    prompt: str | None = "Transcribe the audio."  # the user text of short {"audio", "text"} lines
-    audio_pool: int = 1  # for a fresh graft: encoder frames averaged into one token
-    audio_frames: str = "valid"
-    dtype: str = "fp32"  # storage dtype of the frozen weights (trainable ones are fp32)
-    whisper_dtype: str | None = None  # the frozen encoder's dtype (default: dtype)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    qlora: bool = False  # the LLM's linear weights stored in NF4 (QLoRA); LoRA and the projector train in fp32
-    lr: float = 1e-3
-    projector_lr: float | None = None  # stage 2: the projector's own learning rate (default: lr)
-    weight_decay: float = 0.0  # AdamW decay on matrices (never on norms or biases)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr · this
-    steps: int | None = None  # or epochs
-    epochs: float | None = None
-    batch_size: int = 8  # samples per forward (per process)
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    freeze: tuple[str, ...] = ()  # stage lm: parts kept frozen (embeddings, lm_head)
-    activation_checkpointing: bool = False
-    fsdp: bool = False  # several processes: shard the model with FSDP2 (per decoder layer) instead of replicating it
-    device: str = "cpu"  # or "cuda" (each torchrun process takes its LOCAL_RANK's GPU)
-    max_seq_len: int = 4096
-    strict: bool = False
-    eval_every: int = 0  # 0: only at the end
-    eval_limit: int | None = None  # score the first N dev samples (loss uses all)
-    eval_batch_size: int = 32
-    max_new_tokens: int = 32
-    keep_best: bool = True  # with eval: the output is the checkpoint with the best dev exact match
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    log_every: int = 10
-    resume: bool = False
-    cache: str | None = None  # Whisper-row cache folder ("none": off); default ~/.cache/qva/whisper-rows
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    overwrite: bool = False  # start again in a folder that holds a previous run (its checkpoints and output replaced)
-    allow_changes: tuple[str, ...] = ()  # with resume: settings that may differ from the run's record
+    stage: str = opt(REQUIRED, "1: projector; 2: projector + LoRA; lm: the LLM", choices=STAGES)
+    model: str = opt(REQUIRED, "Qwen2-VL checkpoint, saved graft, or (stage 2) a stage-1 output")
+    train_data: str = opt(REQUIRED, "JSONL manifest", flag="--train")
+    out: str = opt(REQUIRED, "run folder: checkpoints, metrics, and the trained model at the end")
+    whisper: str | None = opt(None, "Whisper checkpoint to graft on (stages 1 and 2 on a plain Qwen2-VL)")
+    eval_data: str | None = opt(None, "dev JSONL: loss, exact match and WER every --eval-every steps", flag="--eval")
+    prompt: str | None = opt("Transcribe the audio.", "user text for short {'audio', 'text'} lines")
+    audio_pool: int = opt(1, "fresh graft: encoder frames averaged into one audio token")
+    audio_frames: str = opt("valid", "fresh graft: encoder frames kept (valid: those of real audio; full: all 1500)",
+                            choices=("valid", "full"))
+    dtype: str = opt("fp32", "storage dtype of the frozen weights (trainable ones are fp32)", choices=tuple(DTYPES))
+    whisper_dtype: str | None = opt(None, "the frozen encoder's dtype (default: --dtype)", choices=tuple(DTYPES))
+    lora_rank: int = opt(16, "stage 2: LoRA rank")
+    lora_alpha: float = opt(32.0, "stage 2: LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = opt(0.05, "stage 2: dropout on the LoRA factors' input")
+    lora_targets: tuple[str, ...] = opt(lambda: LORA_TARGETS, "LLM linear names to adapt", type=comma_names)
+    qlora: bool = opt(False, "stages 1/2: the LLM's linear weights in NF4 (QLoRA); LoRA and the projector train in fp32")
+    lr: float = opt(1e-3, "learning rate")
+    projector_lr: float | None = opt(None, "stage 2: the projector's own learning rate (default: --lr)")
+    weight_decay: float = opt(0.0, "AdamW decay on matrices (never on norms or biases)")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    min_lr_ratio: float = opt(0.0, "the cosine schedule decays to lr · this")
+    steps: int | None = opt(None, "optimizer steps (or --epochs)", group="length")
+    epochs: float | None = opt(None, "passes over the data (or --steps)", group="length")
+    batch_size: int = opt(8, "samples per forward (per process)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    seed: int = opt(0, "seed of the data order, dropout and a fresh projector")
+    freeze: tuple[str, ...] = opt(tuple, "stage lm: keep this part frozen (repeatable)", action="append", choices=FREEZABLE)
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer in backward (less memory)")
+    fsdp: bool = opt(False, "several processes: shard the model with FSDP2 per decoder layer instead of replicating it")
+    device: str = opt("cpu", "each torchrun process takes its LOCAL_RANK's GPU with cuda", choices=("cpu", "cuda"))
+    max_seq_len: int = opt(4096, "longer samples are skipped and named (at most the model's context)")
+    strict: bool = opt(False, "a bad sample is an error instead of being skipped")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    eval_limit: int | None = opt(None, "score the first N dev samples (the loss uses all)")
+    eval_batch_size: int = opt(32, "dev samples per forward")
+    max_new_tokens: int = opt(32, "greedy tokens per dev answer")
+    keep_best: bool = opt(True, "output the last step, not the best dev checkpoint", flag="--no-keep-best")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "step checkpoints kept")
+    log_every: int = opt(10, "progress and metrics every N steps")
+    resume: bool = opt(False, "continue from the run folder's last intact checkpoint")
+    rows_cache: str | None = opt(None, "Whisper-row cache folder ('none': off; default ~/.cache/qva/whisper-rows)", flag="--cache")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # its flags: AugmentConfig's fields
+    overwrite: bool = opt(False, "start again in an --out that holds a previous run (its checkpoints, metrics and output "
+                                 "are replaced; other files stay)")
+    allow_changes: tuple[str, ...] = opt(tuple, "with --resume: settings that may differ from the run's record, e.g. lr,seed",
+                                         type=comma_names)
 
     def check(self) -> None:
         if self.stage not in STAGES:
@@ -118,13 +124,34 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         d = json.loads(text)
+        for old, new in RENAMED.items():  # records written before the fields were renamed
+            if old in d and new not in d:
+                d[new] = d.pop(old)
         d["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("augment", {}).items()})
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        return from_args(cls, args, augment=from_args(AugmentConfig, args))
 
-PATHS = ("model", "whisper", "train", "eval", "out", "cache")
+
+RENAMED = {"train": "train_data", "eval": "eval_data", "cache": "rows_cache"}  # old field name → new (the flags kept theirs)
+_dataclass_init = TrainConfig.__init__
+
+
+def _init_taking_old_names(self, *args, **kwargs):
+    """`TrainConfig(train=..., eval=..., cache=...)` still works, with a DeprecationWarning naming the new field."""
+    for old, new in RENAMED.items():
+        if old in kwargs:
+            warnings.warn(f"TrainConfig({old}=...) is now TrainConfig({new}=...)", DeprecationWarning, stacklevel=2)
+            kwargs[new] = kwargs.pop(old)
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainConfig.__init__ = _init_taking_old_names
+PATHS = ("model", "whisper", "train_data", "eval_data", "out", "rows_cache")
 FIXED = ("stage", "model", "whisper", "audio_pool", "audio_frames", "lora_rank", "lora_targets", "qlora", "freeze")
-RESULT_CHANGING = ("train", "prompt", "seed", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
+RESULT_CHANGING = ("train_data", "prompt", "seed", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "max_grad_norm", "lora_alpha", "lora_dropout", "dtype", "whisper_dtype",
                    "max_seq_len", "augment", "keep_best")
 IGNORED_ON_RESUME = ("out", "resume", "overwrite", "allow_changes")
@@ -140,3 +167,4 @@ def resume_changes(run: TrainConfig, now: TrainConfig) -> tuple[list[str], list[
         text = f"{name} {a[name]!r} → {b[name]!r}"
         (fixed if name in FIXED else changing if name in RESULT_CHANGING else other).append(text)
     return fixed, changing, other
+

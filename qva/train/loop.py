@@ -39,11 +39,11 @@ from . import dist as D
 from .augment import augment_wave, spec_augment
 from .checkpoints import latest_intact, load_checkpoint, prune, save_checkpoint
 from .config import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError  # noqa: F401  (re-exported: qva.train.loop.TrainConfig)
-from .data import (Example, Sample, check_max_seq_len, collate, describe_skipped, encode, encode_all, fill_audio_rows,
-                   read_manifest)
+from .data import Example, Sample, check_max_seq_len, collate, describe_skipped, encode, encode_all, fill_audio_rows, read_manifest
 from .evaluate import evaluate
 from .run import claim, write_output
 from .stop import Preempted, StopFlag
+
 
 # -- the model and what trains --------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, device=None):
@@ -249,19 +249,19 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     check_max_seq_len(cfg.max_seq_len, model.config.text.max_position_embeddings)
 
     # data: encoded once; Whisper rows computed once (and cached) unless augmentation changes the audio
-    examples, bad = read_manifest(cfg.train, cfg.prompt)
+    examples, bad = read_manifest(cfg.train_data, cfg.prompt)
     samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
     if bad:
         log(describe_skipped(bad))
     if not samples:
-        raise TrainError(f"{cfg.train}: no usable samples")
+        raise TrainError(f"{cfg.train_data}: no usable samples")
     dev: list[Sample] = []
-    if cfg.eval:
-        dev_examples, dev_bad = read_manifest(cfg.eval, cfg.prompt)
+    if cfg.eval_data:
+        dev_examples, dev_bad = read_manifest(cfg.eval_data, cfg.prompt)
         dev, dev_bad = encode_all(dev_examples, processor, cfg.max_seq_len, cfg.strict, dev_bad)
         if dev_bad:
             log("dev: " + describe_skipped(dev_bad))
-    cache = None if cfg.cache == "none" else Path(cfg.cache) if cfg.cache else cache_dir() / "whisper-rows"
+    cache = None if cfg.rows_cache == "none" else Path(cfg.rows_cache) if cfg.rows_cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
         if d.main:  # rank 0 fills the cache; the others then read it
             encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)

@@ -21,8 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from weights_loader.writer import (MARKER, WriteError, atomic_file, atomic_folder, check_target, kind_of, read_marker, recover,
-                                   write_marker)
+from weights_loader.writer import MARKER, WriteError, atomic_file, atomic_folder, check_target, kind_of, read_marker, recover, write_marker
 
 from ..adapters import write_adapter_files
 from ..pretrained import write_model_files
@@ -143,7 +142,7 @@ def claim(cfg: TrainConfig, log=print) -> Claim:
                                  "replaced; other files stay), or choose another --out")
         elif cfg.resume:
             notes = [f"--resume: {path} has no record of its settings (train_config.json); starting from step 0"]
-        record = {"train_sha256": file_sha256(cfg.train)} if Path(cfg.train).is_file() else {}
+        record = {"train_sha256": file_sha256(cfg.train_data)} if Path(cfg.train_data).is_file() else {}
         write_marker(path, "run", set(marker.get("files", [])) | set(RUN_FILES), **record)
         atomic_file(path / "train_config.json", cfg.recorded().to_json())
     except BaseException:
@@ -157,8 +156,8 @@ def check_resume(previous: TrainConfig, cfg: TrainConfig, marker: dict) -> list[
     """Notes on the settings that differ from the run's record; a `TrainError` for those that cannot be taken."""
     fixed, changing, other = resume_changes(previous, cfg)
     sha = marker.get("train_sha256")
-    if sha and Path(cfg.train).is_file() and file_sha256(cfg.train) != sha and "train" not in cfg.allow_changes:
-        changing.append(f"train: the content of {cfg.train} changed since the run started")
+    if sha and Path(cfg.train_data).is_file() and file_sha256(cfg.train_data) != sha and "train_data" not in cfg.allow_changes:
+        changing.append(f"train_data: the content of {cfg.train_data} changed since the run started")
     if fixed:
         raise TrainError(f"--resume: {'; '.join(fixed)}: cannot change on resume (the checkpoints hold the run's shapes and "
                          "trainable set); start a new run with another --out")

@@ -205,7 +205,7 @@ def stage(results: dict, name: str, cfg: TrainConfig, manifests: dict, scored: t
     summary = train(cfg)
     seconds = time.perf_counter() - t0
     row = {"seconds": seconds, "steps": summary["steps"], "final_loss": summary["loss"]}
-    row.update(score(load(cfg.out), manifests, scored, cfg.cache))
+    row.update(score(load(cfg.out), manifests, scored, cfg.rows_cache))
     results[name] = row
     print(f"== {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
@@ -263,21 +263,21 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm)
     common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
-                  cache=cache, keep_last=1, prompt=PROMPT)
+                  rows_cache=cache, keep_last=1, prompt=PROMPT)
 
     if "lm" in todo:
         write_small_qwen2vl(out / "base", prm, args.seed)
-        cfg = TrainConfig(stage="lm", model=str(out / "base"), train=str(manifests["lm_train"]), eval=str(manifests["lm_dev"]),
+        cfg = TrainConfig(stage="lm", model=str(out / "base"), train_data=str(manifests["lm_train"]), eval_data=str(manifests["lm_dev"]),
                           out=str(out / "lm"), steps=prm["lm_steps"], lr=prm["lm_lr"], warmup_steps=prm["lm_steps"] // 10,
                           freeze=("embeddings",), eval_every=prm["eval_every"], **common)
         stage(results, "lm", cfg, manifests, ("lm_dev", "lm_dev_stretched"))
     if "stage1" in todo:
-        cfg = TrainConfig(stage="1", model=str(out / "lm"), whisper=str(args.whisper), train=str(manifests["train"]),
+        cfg = TrainConfig(stage="1", model=str(out / "lm"), whisper=str(args.whisper), train_data=str(manifests["train"]),
                           eval=str(manifests["dev"]), out=str(out / "stage1"), audio_pool=4, whisper_dtype=whisper_dtype,
                           steps=prm["s1_steps"], lr=prm["s1_lr"], warmup_steps=prm["s1_steps"] // 10, eval_every=prm["eval_every"], **common)
         stage(results, "stage1", cfg, manifests, ("dev", "unseen"))
     if "stage2" in todo and prm["s2_steps"]:
-        cfg = TrainConfig(stage="2", model=str(out / "stage1"), train=str(manifests["train"]), eval=str(manifests["dev"]),
+        cfg = TrainConfig(stage="2", model=str(out / "stage1"), train_data=str(manifests["train"]), eval_data=str(manifests["dev"]),
                           out=str(out / "stage2"), whisper_dtype=whisper_dtype, lora_rank=prm["rank"], lora_alpha=2 * prm["rank"],
                           lora_dropout=0.05, steps=prm["s2_steps"], lr=prm["s2_lr"], projector_lr=prm["s2_projector_lr"],
                           warmup_steps=prm["s2_steps"] // 10, eval_every=prm["eval_every"], **common)

@@ -1,4 +1,5 @@
-"""Products over a stored weight (`qva/linear/dense.py`, `buffers.py`): the autograd product that saves only the stored weight, scratch buffers, norms and convs in the input's dtype."""
+"""Products over a stored weight (`qva/linear/dense.py`, `buffers.py`): the autograd product that saves only the stored
+weight, scratch buffers, norms and convs in the input's dtype."""
 
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 from conftest import reference, saved_during
 from torch import nn
 
-from qva.linear import buffers as linear_buffers
 from qva.linear import (
     Conv1d,
     LayerNorm,
@@ -17,7 +17,7 @@ from qva.linear import (
     clear_scratch,
     matmul,
 )
-
+from qva.linear import buffers as linear_buffers
 
 
 @pytest.mark.parametrize("weight_trains", [True, False])

@@ -9,10 +9,12 @@ from conftest import reference, rel_l2
 from torch import nn
 
 from qva import linear as L
-from qva.linear import decode, dense, measure
 from qva.linear import (
     Linear,
+    decode,
+    dense,
     gemv,
+    measure,
     use_gemv,
 )
 

@@ -18,7 +18,6 @@ from qva.linear import (
 )
 
 
-
 def test_lora_starts_as_identity_and_adds_its_scaled_product():
     lin = lora_linear()
     x = torch.randn(3, 16)

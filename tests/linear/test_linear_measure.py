@@ -9,7 +9,6 @@ from qva import linear as L
 from qva.linear import measure
 
 
-
 def test_kernel_choice_is_measured_once_and_cached(kernel_cache, monkeypatch):
     calls = {"a": 0, "b": 0}
 

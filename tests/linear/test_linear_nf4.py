@@ -8,11 +8,10 @@ import torch
 from conftest import bnb_plain_torch, saved_during
 from torch import nn
 
-from qva.linear import nf4
 from qva.linear import (
     Linear,
+    nf4,
 )
-
 
 
 @pytest.mark.parametrize("shape", [(96, 320), (64, 64), (33, 62), (512, 1024)])  # blocks that divide the weight, and ones that do not

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qva.linear import dtype_policy
 from qva.demo import random_whisper_encoder
 from qva.linear import (
+    dtype_policy,
     large_matmul_dtype,
     set_policy,
 )
 from qva.whisper_encoder import WhisperEncoderConfig
-
 
 
 def test_policy_choices(monkeypatch):

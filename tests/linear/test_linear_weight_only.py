@@ -13,7 +13,6 @@ from qva.linear import (
 )
 
 
-
 def test_int4_layout_is_the_cpu_kernels_and_round_trips():
     q = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = L.int4_pack(q)

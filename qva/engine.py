@@ -5,10 +5,10 @@ text. It owns:
 
 - one `KVCache` of `rows` × `max_len` slots per layer, allocated once;
 - per row: the next cache slot, the next M-RoPE position (real tokens so far + rope delta), and which
-  cache slots hold real keys (`key_valid` `[rows, max_len]`; left padding of a batched prefill is not).
+  cache slots hold real keys (`real_keys` `[rows, max_len]`; left padding of a batched prefill is not).
 
-`prefill(first_row, inputs)` runs a prompt batch (vision and audio encoders + prompt, `model(...)`,
-the one route to logits) straight into rows `first_row …` of the cache and returns their next-token
+`prefill(first_row, inputs)` runs a prompt batch (vision and audio encoders + prompt, `model.prefill`)
+straight into rows `first_row …` of the cache and returns their next-token
 logits. `decode(ids)` feeds one token to each of the first `n = len(ids)` rows, each written at its own
 cache slot and position, and returns `[n, V]` logits; a row that is free gets a dummy token (its
 output is ignored, and the row is overwritten by its next prefill). Sequences finish and new ones join
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .inputs import ModelInputs
 from .kv_cache import KVCache
 from .linear import cpu_has_fast_half_matmul, measure_gemv
 
@@ -35,19 +36,17 @@ class Decoder:
         self.model, self.cache = model, cache
         if compile:  # the kernels and dtypes the compiled step will use, chosen by timing here, before tracing
             cpu_has_fast_half_matmul()
-            measure_gemv([model.model, model.lm_head], cache.k[0].shape[0])
+            measure_gemv([model.model, model.lm_head], cache.rows_held)
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.static = compile
 
-    def _step(self, ids, positions, slots, kv_mask):
-        out = self.model(ids[:, None], position_ids=positions, cache=self.cache, cache_slots=slots, kv_mask=kv_mask,
-                         logits_to_keep=1, check=False)
-        return out.logits[:, -1]  # [B, V]
+    def _step(self, ids, positions, slots, visible):
+        return self.model.decode_step(ids[:, None], positions, self.cache, slots, visible)  # [B, V]
 
-    def __call__(self, ids, positions, slots, key_valid):
-        """ids `[B]`, positions `[3, B, 1]`, slots `[B]` (each row's write slot), key_valid `[B, max_len]`."""
+    def __call__(self, ids, positions, slots, real_keys):
+        """ids `[B]`, positions `[3, B, 1]`, slots `[B]` (each row's write slot), real_keys `[B, max_len]`."""
         kv_len = self.cache.max_len if self.static else int(slots.max()) + 1  # compiled: always the whole buffer
-        visible = key_valid[:, :kv_len] & (torch.arange(kv_len, device=ids.device) <= slots[:, None])  # [B, kv_len]
+        visible = real_keys[:, :kv_len] & (torch.arange(kv_len, device=ids.device) <= slots[:, None])  # [B, kv_len]
         if not self.static:
             return self.step(ids, positions, slots[:, None], visible[:, None, None, :])
         # one compiled graph per bucket (and per gemv choice): more than dynamo's default of 8, for this step only
@@ -68,7 +67,7 @@ class Engine:
                              self.device)
         self.slot = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] where each row's next token goes
         self.position = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] its M-RoPE position
-        self.key_valid = torch.ones(rows, max_len, dtype=torch.bool, device=self.device)  # [rows, max_len]
+        self.real_keys = torch.ones(rows, max_len, dtype=torch.bool, device=self.device)  # [rows, max_len]
         self.length = [0] * rows  # host copy of `slot`: tokens in each row (0: free)
         self.decoders: dict[int, Decoder] = {}  # batch bucket → decode step over the cache's first rows
 
@@ -86,14 +85,12 @@ class Engine:
             raise ValueError(f"rows {first_row}…{first_row + b - 1} do not exist: the engine has {self.rows}")
         if s >= self.max_len:
             raise ValueError(f"prompt ({s} tokens) leaves no room in the engine's {self.max_len} cache slots")
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
+        inputs = ModelInputs.of(inputs)
+        mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask.to(self.device)
         rows = slice(first_row, first_row + b)
-        out = self.model(ids, mask, **media, cache=self.cache.rows(rows), cache_slots=torch.arange(s, device=self.device),
-                         logits_to_keep=1, check=False)
-        self.key_valid[rows] = True
-        self.key_valid[rows, :s] = mask.bool()
+        out = self.model.prefill(ModelInputs(ids, mask, **inputs.media()), self.cache.rows(rows))
+        self.real_keys[rows] = True
+        self.real_keys[rows, :s] = mask.bool()
         self.slot[rows] = s
         self.position[rows] = mask.sum(-1) + out.rope_deltas[:, 0]
         self.length[rows] = [s] * b
@@ -113,7 +110,7 @@ class Engine:
         if m > n:
             ids = torch.cat([ids, ids.new_zeros(m - n)])  # [m]: rows past n are free or idle; their outputs are dropped
         pos = self.position[:m].view(1, m, 1).expand(3, m, 1)  # [3, m, 1]: the same position on all three axes
-        logits = self.decoders[m](ids, pos, self.slot[:m], self.key_valid[:m])
+        logits = self.decoders[m](ids, pos, self.slot[:m], self.real_keys[:m])
         for r in range(n):
             if self.length[r]:
                 self.length[r] += 1
@@ -126,4 +123,4 @@ class Engine:
         """Free a row: it keeps its (stale) keys, which its next prefill overwrites; until then it is idle."""
         self.length[row] = 0
         self.slot[row] = 0
-        self.key_valid[row] = True
+        self.real_keys[row] = True

@@ -2,9 +2,10 @@
 
 A prompt batch is prefilled once (images, video and audio encoded then), then each step samples one
 token per row and feeds it back through the engine's decode step at that row's position (real tokens
-so far + rope_delta, on all three M-RoPE axes). Everything goes through `model(...)`
-(`QVAModel.forward`, the one route to logits); this module only needs that call, so it sits below the
-model (the model's `generate` method delegates here). `compile=True` compiles the decode step with
+so far + rope_delta, on all three M-RoPE axes). The engine calls the model's `prefill` and `decode_step`;
+this module only needs those calls, so it sits below the model (the model's `generate` method delegates
+here). The engine (its KV cache and compiled steps) is kept on the model and reused by the next call that
+fits in it. `compile=True` compiles the decode step with
 static shapes, the way gpt-fast does; it gives the same greedy tokens as eager.
 """
 
@@ -16,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .engine import Engine
+from .inputs import MEDIA
 from .sampling import SamplingParams, sample_next
 
 DEFAULT_EOS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -28,7 +30,6 @@ def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features", "audio_valid_frames", "audio_rows")
 
 
 @torch.inference_mode()
@@ -54,7 +55,7 @@ def generate_tokens(
     The sampling settings come as keywords (transformers' names) or as one `sampling=SamplingParams(...)`.
     Rows that have finished yield `pad_token_id`.
     """
-    unknown = set(media) - set(MEDIA_KEYS)
+    unknown = set(media) - set(MEDIA)
     if unknown:
         raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
     params = sampling or SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
@@ -92,7 +93,7 @@ def engine_for(model, rows: int, max_len: int, compile: bool) -> Engine:
     (its cache and compiled steps are reused: rows past `rows` stay idle), else a new one kept for next time."""
     engine = getattr(model, "_generate_engine", None)
     if engine is None or engine.rows < rows or engine.max_len < max_len or engine.compile != compile \
-            or engine.cache.k[0].dtype != model.lm_head.weight.dtype or engine.device != model.lm_head.weight.device:
+            or engine.cache.dtype != model.lm_head.weight.dtype or engine.device != model.lm_head.weight.device:
         engine = Engine(model, rows, max_len, compile)
         model.__dict__["_generate_engine"] = engine  # a plain attribute: not a submodule, not in the state dict
     for row in range(rows):

@@ -9,9 +9,10 @@ Audio: log-mel windows → Whisper encoder (always on padded 30 s windows, as it
 frames `audio_frames` selects, average-pool by `audio_pool` → `audio_projector` → rows that replace the
 `<|audio_pad|>` tokens, in the same fused merge as image and video rows (`merge.py`).
 
-`forward` is the one route to logits, for parity tests, generation (prefill and cached decode steps)
-and training (`labels`: logits and loss only where a label is). This file knows nothing about files:
-loading and saving are `pretrained.py`'s.
+`forward` gives the logits of whole prompts, for parity tests and training (`labels`: logits and loss only
+where a label is); the engine's two modes share its parts: `prefill` (a prompt batch into KV-cache rows)
+and `decode_step` (one token per row, compiled). All three embed through `embed_inputs` and project through
+`logits`. This file knows nothing about files: loading and saving are `pretrained.py`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from .audio import audio_token_count
 from .generate import generate
+from .inputs import ModelInputs
 from .kv_cache import KVCache
 from .linear import Linear
 from .merge import merge_embeddings
@@ -202,41 +204,49 @@ class QVAModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        cache_slots: torch.Tensor | None = None,
-        kv_mask: torch.Tensor | None = None,
         check: bool = True,
     ) -> ModelOutput:
-        """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference.
+        """Logits for a batch of prompts (left-padded), with any images, videos and audio they reference
+        (`model(**inputs)` with the processor's `ModelInputs`); no cache.
 
         - `logits_to_keep=n`: logits of the last n positions only (0: all), as in transformers; the next
           token needs just the last, and the vocabulary projection is the costliest product.
         - `labels` `[B, S]` (−100: not scored): the loss of predicting `labels[:, t + 1]` at position t, with
           logits computed at the labelled positions only (`logits` is then `[N, vocab]`).
-        - A decode step (generation): `position_ids` `[3, B, 1]`, `cache` with `cache_slots` `[S]` and
-          `kv_mask` `[B, 1, S, kv_len]`, no media, `check=False`: nothing runs on the host, so it compiles.
+        The engine's two modes are `prefill` (a prompt batch into cache rows) and `decode_step`.
         """
-        decoding = position_ids is not None and cache is not None
-        if decoding:  # positions come from the caller; no media, no host work
-            embeds, positions, rope_deltas = self.model.embed_tokens(input_ids), position_ids, None
-        else:
-            embeds, positions, rope_deltas = self.embed_inputs(
-                input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                input_features, audio_valid_frames, audio_rows, check=check,
-            )
-            positions = positions if position_ids is None else position_ids
-        if cache is None:
-            if attention_mask is not None and bool(attention_mask.all()):
-                attention_mask = None  # no padding: plain causal attention
-            hidden = self.model(embeds, positions, attention_mask)
-        else:
-            if kv_mask is None:  # a prefill into the cache
-                kv_mask = causal_padding_mask(torch.ones_like(input_ids) if attention_mask is None else attention_mask)
-            hidden = self.model(embeds, positions, cache=cache, slots=cache_slots, kv_mask=kv_mask)
+        embeds, positions, rope_deltas = self.embed_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            input_features, audio_valid_frames, audio_rows, check=check,
+        )
+        positions = positions if position_ids is None else position_ids
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: plain causal attention
+        hidden = self.model(embeds, positions, attention_mask)
         if labels is not None:
             return self.labelled_loss(hidden, labels, rope_deltas)
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden  # [B, S or n, D]
         return ModelOutput(logits=self.logits(hidden), rope_deltas=rope_deltas)
+
+    def prefill(self, inputs, cache: KVCache, logits_to_keep: int = 1, check: bool = False) -> ModelOutput:
+        """A prompt batch (`ModelInputs`, or a mapping of its fields) into `cache` (the rows it views), slots 0…S-1:
+        the next-token logits `[B, logits_to_keep, V]` and the rope deltas `[B, 1]` that place the next tokens."""
+        inputs = ModelInputs.of(inputs)
+        media = inputs.media()
+        embeds, positions, rope_deltas = self.embed_inputs(inputs.input_ids, inputs.attention_mask, **media, check=check)
+        ids = inputs.input_ids
+        mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask
+        slots = torch.arange(ids.shape[1], device=embeds.device)  # [S]
+        hidden = self.model(embeds, positions, cache=cache, slots=slots, visible=causal_padding_mask(mask.to(embeds.device)))
+        return ModelOutput(logits=self.logits(hidden[:, -logits_to_keep:]), rope_deltas=rope_deltas)
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+        """One token per row: ids `[B, 1]` at M-RoPE `positions` `[3, B, 1]`, written at each row's cache slot
+        `slots` `[B, 1]`, attending as `visible` `[B, 1, 1, kv_len]` allows → next-token logits `[B, V]`.
+        No media and no host work, so it compiles."""
+        hidden = self.model(self.model.embed_tokens(ids), positions, cache=cache, slots=slots, visible=visible)
+        return self.logits(hidden[:, -1:])[:, -1]
 
     def labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor, rope_deltas=None) -> ModelOutput:
         """Cross-entropy of `labels[:, t + 1]` from `hidden[:, t]`, over labelled positions only."""

@@ -27,6 +27,7 @@ from weights_loader import CheckpointError
 from . import chat_template
 from .audio import SAMPLE_RATE, audio_token_count, load_audio, log_mel
 from .image_processing import VisionPreprocessConfig, process_image, process_video
+from .inputs import ModelInputs
 
 IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
 AUDIO_TOKENS = ("<|audio_start|>", "<|audio_end|>", AUDIO_PAD)
@@ -128,7 +129,7 @@ class Processor:
 
     # -- everything -----------------------------------------------------------------------------------
     def __call__(self, text, images=None, videos=None, audios=None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 audio=None) -> dict:
+                 audio=None) -> ModelInputs:
         """Texts with placeholders + media → left-padded model inputs. `audio=` is transformers' current
         keyword for the clips, `audios=` the older one; give one of them."""
         if audio is not None and audios is not None:
@@ -137,9 +138,9 @@ class Processor:
         out, counts = self._media(texts, images, videos, audio if audio is not None else audios, min_pixels, max_pixels)
         remaining = {k: list(v) for k, v in counts.items()}  # consumed across the texts, in order
         out.update(self._tokenize([self._expand(t, remaining) for t in texts]))
-        return out
+        return ModelInputs(**out)
 
-    def encode_conversation(self, messages: list[dict], min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    def encode_conversation(self, messages: list[dict], min_pixels: int | None = None, max_pixels: int | None = None) -> ModelInputs:
         """One whole conversation (media taken from the messages) → model inputs for training, batch of one:
         `input_ids` `[1, S]`, `labels` `[1, S]` holding the ids of each assistant message's content and its
         `<|im_end|>` and −100 everywhere else (system, user, media placeholders, template tokens)."""
@@ -159,7 +160,7 @@ class Processor:
         for i, (a, b) in enumerate(enc.offsets):
             if any(a < end and b > start for start, end in spans):  # the token overlaps an answer span
                 labels[0, i] = ids[0, i]
-        return {**out, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        return ModelInputs(**out, input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
     def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels) -> tuple[dict, dict[str, list[int]]]:
         """Media → tensors, and the number of feature rows per item (placeholders are checked against them)."""

@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, LayerCache
 from .linear import Linear, large_matmul_dtype
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
@@ -43,18 +43,20 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.kv_heads * hd)
         self.o_proj = Linear(self.heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, slots=None, kv_len: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, visible, cache: LayerCache | None = None, slots=None) -> torch.Tensor:
+        """x `[B, S, D]` → `[B, S, D]`. `visible` `[B, 1, S, kv_len]` (True: may attend) or None (causal); with this
+        layer's `cache`, the S keys go to `slots` and the queries attend over the cache's first kv_len slots."""
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
         k = rearrange(self.k_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
         v = rearrange(self.v_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # attend over everything cached so far, this step included
-            k, v = cache.update(layer, slots, k, v, kv_len)
+            k, v = cache.update(slots, k, v, visible.shape[-1])
         # one-token decoding keeps bf16/fp16 activations, but attention is a matrix product over the cache:
         # on a CPU without native half-precision matmul it runs ~5× faster in fp32, conversions included
         dt = large_matmul_dtype(q.dtype, q.device)
         y = F.scaled_dot_product_attention(
-            q.to(dt), k.to(dt), v.to(dt), attn_mask=mask, is_causal=mask is None, enable_gqa=self.heads != self.kv_heads
+            q.to(dt), k.to(dt), v.to(dt), attn_mask=visible, is_causal=visible is None, enable_gqa=self.heads != self.kv_heads
         )
         return self.o_proj(rearrange(y.to(x.dtype), "b h s e -> b s (h e)"))
 
@@ -83,8 +85,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, **cache_args):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache_args)
+    def forward(self, x, cos, sin, visible, cache: LayerCache | None = None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, visible, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,29 +118,28 @@ class Qwen2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
-        kv_mask: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """embeds `[B, S, D]`, positions `[3, B, S]` → hidden `[B, S, D]`.
-
         Without a cache: causal attention over the S tokens (`attention_mask` `[B, S]` marks padding).
-        With a cache: the S tokens go to cache `slots` `[S]` and attend to the cache's first
-        `kv_mask.shape[-1]` slots as `kv_mask` `[B, 1, S, kv_len]` allows.
+        With a cache: each layer is handed its own entry; the S tokens go to cache `slots` (`[S]`, or `[B, 1]`
+        for one token per row) and attend to the cache's first `visible.shape[-1]` slots as `visible`
+        `[B, 1, S, kv_len]` allows.
         """
         cfg = self.config
         stored = self.embed_tokens.weight.dtype
         # prefill (many rows) may run in fp32 over half-precision weights; one-token decoding stays as stored
         dt = large_matmul_dtype(stored, inputs_embeds.device) if inputs_embeds.shape[1] > 1 else stored
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dt)
-        if cache is None:
-            mask, cache_args = (None if attention_mask is None else causal_padding_mask(attention_mask)), {}
-        else:
-            mask, cache_args = kv_mask, {"cache": cache, "slots": slots, "kv_len": kv_mask.shape[-1]}
         x = inputs_embeds.to(dt)
-        for i, layer in enumerate(self.layers):
-            if cache_args:
-                x = layer(x, cos, sin, mask, layer=i, **cache_args)
-            elif self.checkpoint_layers and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        if cache is not None:
+            for layer, entry in zip(self.layers, cache.layers):
+                x = layer(x, cos, sin, visible, entry, slots)
+            return self.norm(x)
+        visible = None if attention_mask is None else causal_padding_mask(attention_mask)
+        for layer in self.layers:
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, visible, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, visible)
         return self.norm(x)

@@ -140,7 +140,7 @@ def test_compiled_bf16_decode_close_to_eager(tmp_path):
         with torch.inference_mode():
             embeds, positions, _ = model.embed_inputs(ids)
             cache = KVCache(2, 2, 2, 16, 128, dtype)
-            model.model(embeds, positions, cache=cache, slots=torch.arange(9), kv_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool).tril())
+            model.model(embeds, positions, cache=cache, slots=torch.arange(9), visible=torch.ones(2, 1, 9, 9, dtype=torch.bool).tril())
             step = Decoder(model, cache, compile=compile)
             return step(ids[:, -1], torch.full((3, 2, 1), 9), torch.full((2,), 9), torch.ones(2, 16, dtype=torch.bool)).float()
 

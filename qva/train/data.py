@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from .. import chat_template
 from ..audio import AudioError, audio_token_count
 from ..image_processing import ImageError
+from ..inputs import MEDIA, ModelInputs
 from ..model import IGNORE
 from ..processor import Processor
 
@@ -286,13 +287,12 @@ def encode(example: Example, processor: Processor, max_seq_len: int, context: in
         enc = processor.encode_conversation(example.messages)
     except (AudioError, ImageError, ValueError, OSError) as e:
         raise DataError(f"{example.where}: {e}") from None
-    ids, labels = enc.pop("input_ids")[0], enc.pop("labels")[0]
-    enc.pop("attention_mask")
+    ids, labels = enc.input_ids[0], enc.labels[0]
     if ids.shape[0] > max_seq_len:
         raise DataError(f"{example.where}: {ids.shape[0]} tokens, over max_seq_len {max_seq_len}")
     if context is not None and ids.shape[0] > context:
         raise DataError(f"{example.where}: {ids.shape[0]} tokens, over the model's context of {context} (max_position_embeddings)")
-    return Sample(example, ids, labels, _last_answer_start(labels), enc)
+    return Sample(example, ids, labels, _last_answer_start(labels), enc.media())
 
 
 def _last_answer_start(labels: torch.Tensor) -> int:
@@ -335,7 +335,7 @@ def describe_skipped(bad: list[tuple[str, str]], shown: int = 3) -> str:
     return "\n".join(lines)
 
 
-def collate(samples: list[Sample], pad_id: int, prompt_only: bool = False) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int, prompt_only: bool = False) -> ModelInputs:
     """Left-padded batch: `input_ids`, `attention_mask`, `labels` (−100 on padding; none with `prompt_only`,
     which keeps each sample's generation prompt), and the media of all samples in batch order (placeholders
     are matched row-major, so concatenation keeps them aligned)."""
@@ -349,13 +349,11 @@ def collate(samples: list[Sample], pad_id: int, prompt_only: bool = False) -> di
         mask[i, longest - r.shape[0]:] = 1
         if not prompt_only:
             labels[i, longest - r.shape[0]:] = s.labels
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    if not prompt_only:
-        batch["labels"] = labels
+    batch = ModelInputs(input_ids, mask, labels=None if prompt_only else labels)
     if all(s.audio_rows is not None for s in samples if _has_audio(s)) and any(_has_audio(s) for s in samples):
-        batch["audio_rows"] = torch.cat([s.audio_rows for s in samples if s.audio_rows is not None])
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features", "audio_valid_frames"):
-        if key in ("input_features", "audio_valid_frames") and "audio_rows" in batch:
+        batch.audio_rows = torch.cat([s.audio_rows for s in samples if s.audio_rows is not None])
+    for key in MEDIA:
+        if key in ("input_features", "audio_valid_frames") and batch.audio_rows is not None or key == "audio_rows":
             continue
         parts = [s.media[key] for s in samples if key in s.media]
         if parts:

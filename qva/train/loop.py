@@ -33,6 +33,7 @@ import torch
 
 from ..audio import SAMPLE_RATE, load_audio
 from ..demo import cache_dir
+from ..inputs import ModelInputs
 from ..linear import add_lora, lora_linears
 from ..pretrained import load
 from . import dist as D
@@ -366,11 +367,9 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: ModelInputs, device: torch.device) -> ModelInputs:
     """The batch on the model's device; grid metadata stays on the host (read with .tolist())."""
-    if device.type == "cpu":
-        return batch
-    return {k: v if k.endswith("grid_thw") else v.to(device) for k, v in batch.items()}
+    return batch if device.type == "cpu" else batch.to(device)
 
 
 def accumulate(model, batches: list[dict], d: D.Dist = D.Dist(), scale: int = 1) -> float:

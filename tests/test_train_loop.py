@@ -13,6 +13,7 @@ from conftest import Reference, max_rel_err, rel_l2, train_config
 
 import qva
 import qva.train.loop as loop
+import qva.train.stages as stages
 from qva.audio import load_audio, log_mel
 from qva.linear import LORA_TARGETS, add_lora, lora_linears, set_policy
 from qva.train.cli import main as train_cli
@@ -147,16 +148,16 @@ def text_manifest(tmp_path):
 
 
 def test_trainable_table_and_refusal_of_a_wrong_set(train_dirs, tmp_path, monkeypatch, capsys):
-    real = loop.freeze_for_stage
+    real = stages.freeze_for_stage
 
     def leaky(model, cfg):
         real(model, cfg)
         model.visual.blocks[0].attn.qkv.weight.requires_grad_(True)
 
-    monkeypatch.setattr(loop, "freeze_for_stage", leaky)
+    monkeypatch.setattr(stages, "freeze_for_stage", leaky)
     with pytest.raises(TrainError, match=r"stage 1: the trainable set differs .*visual.blocks.0.attn.qkv.weight"):
         train(config(train_dirs, tmp_path), quiet=True)
-    monkeypatch.setattr(loop, "freeze_for_stage", real)
+    monkeypatch.setattr(stages, "freeze_for_stage", real)
     model = loop.build_model(config(train_dirs, tmp_path, "2", model=str(train_dirs[1]), whisper=str(train_dirs[3])))
     table = loop.trainable_table(model)
     assert "LoRA" in table and "projector" in table and "model.layers.0.self_attn.q_proj.lora_A.weight" in table

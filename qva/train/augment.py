@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE, load_audio
 from ..cli_common import comma_floats, opt
 from ..resample import resample
+from .data import Example, Sample, encode
 
 
 @dataclass
@@ -84,4 +85,32 @@ def spec_augment(features: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig
             width = min(int(torch.randint(cfg.freq_mask_width + 1, (1,), generator=generator)), bins)
             start = int(torch.randint(bins - width + 1, (1,), generator=generator))
             out[w, start:start + width, :n] = fill
+    return out
+
+
+def augmented(model, batch: list[Sample], cfg: AugmentConfig, seed: int, step: int, micro: int) -> list[Sample]:
+    """The batch's samples with freshly augmented audio: waveform → log-mel → masks → frozen encoder rows."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+    out = []
+    for s in batch:
+        if not s.example.audio_sources:
+            out.append(s)
+            continue
+        messages = []
+        for m in s.example.messages:
+            if isinstance(m["content"], list):
+                content = [{**item, "audio": (augment_wave(load_audio(item["audio"]) if not isinstance(item["audio"], tuple)
+                                                           else load_audio(*item["audio"]), cfg, g), SAMPLE_RATE)}
+                           if isinstance(item, dict) and "audio" in item else item for item in m["content"]]
+                m = {**m, "content": content}
+            messages.append(m)
+        # a slowed-down clip is longer than the sample that passed --max-seq-len: the model's context bounds it
+        new = encode(Example(messages, s.example.where, s.example.meta), model.processor, model.config.text.max_position_embeddings)
+        feats = new.media.pop("input_features")
+        valid = new.media.pop("audio_valid_frames")
+        if cfg.time_masks or cfg.freq_masks:
+            feats = spec_augment(feats, valid, cfg, g)
+        with torch.no_grad():
+            new.audio_rows = model.audio_encoder_rows(feats, valid).float()
+        out.append(new)
     return out

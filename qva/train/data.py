@@ -361,6 +361,11 @@ def collate(samples: list[Sample], pad_id: int, prompt_only: bool = False) -> Mo
     return batch
 
 
+def to_device(batch: ModelInputs, device: torch.device) -> ModelInputs:
+    """The batch on the model's device; grid metadata stays on the host (read with .tolist())."""
+    return batch if device.type == "cpu" else batch.to(device)
+
+
 def _has_audio(s: Sample) -> bool:
     return "input_features" in s.media or s.audio_rows is not None
 

@@ -12,7 +12,7 @@ import re
 import torch
 
 from ..generate import DEFAULT_EOS, generate
-from .data import Sample, collate
+from .data import Sample, collate, to_device
 
 FINAL_PUNCTUATION = ".,!?;:。！？"
 
@@ -70,3 +70,19 @@ def evaluate(model, processor, samples: list[Sample], batch_size: int = 32, max_
     """Greedy answers scored against each sample's reference answer: {"exact_match", "wer", "n", "answers"}."""
     answers = greedy_answers(model, processor, samples, batch_size, max_new_tokens)
     return {**score(answers, [s.example.answer for s in samples]), "answers": answers}
+
+
+@torch.no_grad()
+def run_eval(model, processor, dev: list[Sample], batch_size: int, max_new_tokens: int, limit: int | None = None,
+             device=torch.device("cpu")) -> dict:
+    """Dev loss (over all dev samples, per labelled token) and greedy exact match / WER (first `eval_limit`)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n = 0.0, 0
+    for i in range(0, len(dev), batch_size):
+        out = model(**to_device(collate(dev[i:i + batch_size], processor.pad_token_id), device))
+        loss_sum, n = loss_sum + float(out.loss_sum), n + out.n_labels
+    scored = dev[: limit] if limit else dev
+    result = evaluate(model, processor, scored, batch_size, max_new_tokens)
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(n, 1), "exact_match": result["exact_match"], "wer": result["wer"], "n": result["n"]}

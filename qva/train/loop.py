@@ -7,11 +7,12 @@
               unquantized base afterwards (what `qva.load(out)` does)
     stage lm  trains the LLM's weights (text or media; vision and Whisper frozen), `freeze` parts excepted
 
-`train(cfg)` reads top to bottom: model and the stage's trainable set (checked against the stage's rule
-before anything runs) → data (bad samples skipped and named; Whisper rows computed once and cached) →
+`train(cfg)` reads top to bottom: the run folder claimed (`run.py`) → model and the stage's trainable set
+(`stages.py`, checked against the stage's rule before anything runs) → data (bad samples skipped and named; Whisper rows computed once and cached) →
 AdamW (no decay on norms and biases) with warmup + cosine → resume from the last intact checkpoint →
 steps (gradient accumulation, loss normalised by the labelled tokens of the whole step, clipping), with
-evaluation (loss, exact match, WER), best-by-dev kept, checkpoints every N steps → the final output:
+evaluation (loss, exact match, WER), best-by-dev kept, checkpoints every N steps (`checkpoints.py`), a clean
+stop on SIGTERM / SIGINT (`stop.py`) → the final output:
 a `qva.save` folder (stages 1 and lm) or a PEFT-layout adapter beside the projector (stage 2), both loaded
 by `qva.load(out)`.
 
@@ -23,7 +24,6 @@ run's losses and weights equal an uninterrupted run's bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -31,190 +31,17 @@ from pathlib import Path
 
 import torch
 
-from ..audio import SAMPLE_RATE, load_audio
 from ..demo import cache_dir
-from ..inputs import ModelInputs
-from ..linear import add_lora, lora_linears
-from ..pretrained import load
 from . import dist as D
-from .augment import augment_wave, spec_augment
+from .augment import augmented
 from .checkpoints import latest_intact, load_checkpoint, prune, save_checkpoint
 from .config import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError  # noqa: F401  (re-exported: qva.train.loop.TrainConfig)
-from .data import Example, Sample, check_max_seq_len, collate, describe_skipped, encode, encode_all, fill_audio_rows, read_manifest
-from .evaluate import evaluate
+from .data import Sample, check_max_seq_len, collate, describe_skipped, encode_all, fill_audio_rows, read_manifest, to_device
+from .evaluate import run_eval
+from .log import Log
 from .run import claim, write_output
+from .stages import build_model, check_trainable, lr_factor, make_optimizer, trainable_table
 from .stop import Preempted, StopFlag
-
-
-# -- the model and what trains --------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, device=None):
-    """The model for the stage, with its trainable parameters in fp32 and everything else frozen."""
-    dtype = DTYPES[cfg.dtype]
-    model = load(cfg.model, whisper=cfg.whisper, audio_frames=cfg.audio_frames, audio_pool=cfg.audio_pool, seed=cfg.seed, dtype=dtype,
-                 device=device, quantize="nf4" if cfg.qlora else None)
-    if model.processor is None:
-        raise TrainError(f"{cfg.model}: no tokenizer.json: training needs the model's tokenizer")
-    if model.audio_encoder is not None:
-        model.audio_encoder.to(DTYPES[cfg.whisper_dtype or cfg.dtype])
-    if cfg.stage in ("1", "2"):
-        if model.audio_projector is None:
-            raise TrainError(f"stage {cfg.stage} trains the audio projector: give --whisper to graft one onto {cfg.model}")
-        model.audio_projector.float()
-    if cfg.stage == "2":
-        for name, module in list(model.model.named_modules()):
-            if name.rsplit(".", 1)[-1] in cfg.lora_targets:
-                add_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    if cfg.stage == "lm":
-        model.model.float()
-        model.lm_head.float()
-        if model.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.checkpoint_layers = cfg.activation_checkpointing
-    freeze_for_stage(model, cfg)
-    return model
-
-
-def freeze_for_stage(model, cfg: TrainConfig) -> None:
-    model.requires_grad_(False)
-    if cfg.stage in ("1", "2"):
-        model.audio_projector.requires_grad_(True)
-    if cfg.stage == "2":
-        for linear in lora_linears(model.model).values():
-            linear.lora_A.requires_grad_(True)
-            linear.lora_B.requires_grad_(True)
-    if cfg.stage == "lm":
-        model.model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-        if "embeddings" in cfg.freeze:
-            model.model.embed_tokens.requires_grad_(False)
-        if "lm_head" in cfg.freeze:
-            model.lm_head.requires_grad_(False)
-
-
-def stage_rule(cfg: TrainConfig, tied: bool):
-    """The stage's trainable set, by name (independent of how `freeze_for_stage` sets it)."""
-    def trains(name: str) -> bool:
-        lora = ".lora_A." in name or ".lora_B." in name
-        if cfg.stage == "1":
-            return name.startswith("audio_projector.")
-        if cfg.stage == "2":
-            return name.startswith("audio_projector.") or (lora and name.startswith("model.layers."))
-        if name == "model.embed_tokens.weight":
-            return "embeddings" not in cfg.freeze and not (tied and "lm_head" in cfg.freeze)
-        if name == "lm_head.weight":
-            return "lm_head" not in cfg.freeze
-        return name.startswith("model.") and not lora
-    return trains
-
-
-def check_trainable(model, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """The trainable parameters by name; a `TrainError` if they are not exactly the stage's."""
-    params = dict(model.named_parameters())  # tied weights appear once
-    trains = stage_rule(cfg, model.config.tie_word_embeddings)
-    actual = {n for n, p in params.items() if p.requires_grad}
-    expected = {n for n in params if trains(n)}
-    if actual != expected:
-        extra, missing = sorted(actual - expected), sorted(expected - actual)
-        raise TrainError(f"stage {cfg.stage}: the trainable set differs from the stage's: "
-                         f"trainable but should not be {extra[:5]}, frozen but should train {missing[:5]}")
-    if not actual:
-        raise TrainError(f"stage {cfg.stage}: nothing to train")
-    return {n: params[n] for n in sorted(actual)}
-
-
-def part_of(name: str) -> str:
-    if ".lora_" in name:
-        return "LoRA"
-    for prefix, part in (("visual.", "vision"), ("audio_encoder.", "whisper"), ("audio_projector.", "projector"),
-                         ("model.embed_tokens.", "embeddings"), ("lm_head.", "lm_head"), ("model.", "LLM")):
-        if name.startswith(prefix):
-            return part
-    return "other"
-
-
-def trainable_table(model) -> str:
-    """Per part: tensors and parameters that train, and parameters that stay frozen."""
-    rows: dict[str, list] = {}
-    for name, p in model.named_parameters():
-        r = rows.setdefault(part_of(name), [0, 0, 0, ""])
-        if p.requires_grad:
-            r[0] += 1
-            r[1] += p.numel()
-            r[3] = r[3] or name
-        else:
-            r[2] += p.numel()
-    lines = [f"{'part':<11} {'trainable tensors':>17} {'trainable params':>17} {'frozen params':>14}  e.g."]
-    for part, (t, n, f, example) in rows.items():
-        lines.append(f"{part:<11} {t:>17} {n:>17,} {f:>14,}  {example}")
-    lines.append(f"{'total':<11} {sum(r[0] for r in rows.values()):>17} {sum(r[1] for r in rows.values()):>17,} "
-                 f"{sum(r[2] for r in rows.values()):>14,}")
-    return "\n".join(lines)
-
-
-# -- optimizer and schedule ---------------------------------------------------------------------------------------
-def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases (1-D) do not; stage 2's projector may have its own rate."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in params.items():
-        projector = cfg.stage == "2" and name.startswith("audio_projector.")
-        groups.setdefault((p.ndim >= 2, projector), []).append(p)
-    out = []
-    for (decay, projector), ps in sorted(groups.items()):
-        lr = (cfg.projector_lr or cfg.lr) if projector else cfg.lr
-        out.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr, "base_lr": lr})
-    return torch.optim.AdamW(out, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine down to `min_lr_ratio` at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# -- logging -----------------------------------------------------------------------------------------------------------
-class Log:
-    """A progress line on stderr, metrics as JSONL, and TensorBoard events when `tensorboard` is installed."""
-
-    def __init__(self, run: Path, quiet: bool = False, tensorboard: bool = True):
-        self.metrics = run / "metrics.jsonl"
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run / "tensorboard"))
-            except ImportError:
-                pass
-
-    def __call__(self, text: str) -> None:
-        if not self.quiet:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
-
-    def record(self, step: int, **values) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def progress(self, step: int, total: int, loss: float, lr: float, tok_s: float, started: float) -> None:
-        if self.quiet:
-            return
-        eta = (time.perf_counter() - started) / max(step, 1) * (total - step)
-        filled = 24 * step // max(total, 1)
-        line = (f"[{'#' * filled}{'.' * (24 - filled)}] step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} "
-                f"| {tok_s:,.0f} tok/s | eta {eta / 60:.1f} min")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
@@ -300,7 +127,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
         micro = [[next_sample(samples, state["samples_seen"] + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed)
                   for i in range(cfg.batch_size)] for m in range(cfg.grad_accum)]
         if cfg.augment.on:
-            micro = [augmented(model, batch, cfg, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
+            micro = [augmented(model, batch, cfg.augment, cfg.seed, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
         batches = [to_device(collate(b, processor.pad_token_id), d.device) for b in micro]
         factor = lr_factor(step, total, cfg)
         for group in opt.param_groups:
@@ -327,7 +154,8 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
             if d.main:
                 log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
         if dev and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
-            scores = run_eval(model, processor, dev, cfg, d)  # every rank (sharded forwards need them all)
+            # every rank (sharded forwards need them all)
+            scores = run_eval(model, processor, dev, cfg.eval_batch_size, cfg.max_new_tokens, cfg.eval_limit, d.device)
             log(f"eval @ {done}: loss {scores['eval_loss']:.4f}, exact match {scores['exact_match']:.1f}%, "
                 f"WER {scores['wer']:.1f}% (n={scores['n']})")
             if d.main:
@@ -367,11 +195,6 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
 
 
-def to_device(batch: ModelInputs, device: torch.device) -> ModelInputs:
-    """The batch on the model's device; grid metadata stays on the host (read with .tolist())."""
-    return batch if device.type == "cpu" else batch.to(device)
-
-
 def accumulate(model, batches: list[dict], d: D.Dist = D.Dist(), scale: int = 1) -> float:
     """Forward and backward over one step's micro-batches (of this process); each loss is divided by the
     labelled tokens of the whole step on all processes, so the gradient is the mean over them however the
@@ -394,44 +217,3 @@ def next_sample(samples: list[Sample], index: int, seed: int) -> Sample:
     return samples[int(order[i])]
 
 
-def augmented(model, batch: list[Sample], cfg: TrainConfig, step: int, micro: int) -> list[Sample]:
-    """The batch's samples with freshly augmented audio: waveform → log-mel → masks → frozen encoder rows."""
-    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + micro)
-    out = []
-    for s in batch:
-        if not s.example.audio_sources:
-            out.append(s)
-            continue
-        messages = []
-        for m in s.example.messages:
-            if isinstance(m["content"], list):
-                content = [{**item, "audio": (augment_wave(load_audio(item["audio"]) if not isinstance(item["audio"], tuple)
-                                                           else load_audio(*item["audio"]), cfg.augment, g), SAMPLE_RATE)}
-                           if isinstance(item, dict) and "audio" in item else item for item in m["content"]]
-                m = {**m, "content": content}
-            messages.append(m)
-        # a slowed-down clip is longer than the sample that passed --max-seq-len: the model's context bounds it
-        new = encode(Example(messages, s.example.where, s.example.meta), model.processor, model.config.text.max_position_embeddings)
-        feats = new.media.pop("input_features")
-        valid = new.media.pop("audio_valid_frames")
-        if cfg.augment.time_masks or cfg.augment.freq_masks:
-            feats = spec_augment(feats, valid, cfg.augment, g)
-        with torch.no_grad():
-            new.audio_rows = model.audio_encoder_rows(feats, valid).float()
-        out.append(new)
-    return out
-
-
-@torch.no_grad()
-def run_eval(model, processor, dev: list[Sample], cfg: TrainConfig, d: D.Dist = D.Dist()) -> dict:
-    """Dev loss (over all dev samples, per labelled token) and greedy exact match / WER (first `eval_limit`)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, n = 0.0, 0
-    for i in range(0, len(dev), cfg.eval_batch_size):
-        out = model(**to_device(collate(dev[i:i + cfg.eval_batch_size], processor.pad_token_id), d.device))
-        loss_sum, n = loss_sum + float(out.loss_sum), n + out.n_labels
-    scored = dev[: cfg.eval_limit] if cfg.eval_limit else dev
-    result = evaluate(model, processor, scored, cfg.eval_batch_size, cfg.max_new_tokens)
-    model.train(was_training)
-    return {"eval_loss": loss_sum / max(n, 1), "exact_match": result["exact_match"], "wer": result["wer"], "n": result["n"]}

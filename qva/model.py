@@ -50,6 +50,13 @@ class ModelOutput:
     n_labels: int = 0  # with labels: how many tokens were scored
 
 
+def as_inputs(args: tuple, kwargs: dict) -> ModelInputs:
+    """A `ModelInputs` given as such, or as its fields (positionally in its order, or by name)."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], ModelInputs):
+        return args[0]
+    return ModelInputs(*args, **kwargs)
+
+
 class QVAModel(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
@@ -106,11 +113,14 @@ class QVAModel(nn.Module):
         rows = self.audio_encoder_rows(input_features, audio_valid_frames) if audio_rows is None else audio_rows
         return self.audio_projector(rows.to(self.audio_projector.weight.device))
 
-    def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                     video_grid_thw=None, input_features=None, audio_valid_frames=None, audio_rows=None) -> None:
+    def check_inputs(self, *args, **kwargs) -> None:
         """Refuse a prompt batch before any compute, naming the argument: shapes, the context length, token
         ids outside the vocabulary, placeholders without (or with the wrong amount of) media, NaN/inf media.
-        Runs once per prompt on the host (a few reductions), never per decoded token."""
+        Takes a `ModelInputs` or its fields (as `forward` does). Runs once per prompt on the host (a few
+        reductions), never per decoded token."""
+        i = as_inputs(args, kwargs)
+        input_ids, attention_mask, audio_valid_frames, audio_rows = i.input_ids, i.attention_mask, i.audio_valid_frames, i.audio_rows
+        input_features = i.input_features
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.numel() == 0:
             got = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -136,8 +146,8 @@ class QVAModel(nn.Module):
             valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [cfg.audio.input_frames] * windows
             n_audio = sum(audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid)
         media = (
-            ("image", "pixel_values", cfg.image_token_id, pixel_values, image_grid_thw),
-            ("video", "pixel_values_videos", cfg.video_token_id, pixel_values_videos, video_grid_thw),
+            ("image", "pixel_values", cfg.image_token_id, i.pixel_values, i.image_grid_thw),
+            ("video", "pixel_values_videos", cfg.video_token_id, i.pixel_values_videos, i.video_grid_thw),
             ("audio", "input_features", cfg.audio_token_id, input_features if audio_rows is None else audio_rows, None),
         )
         for kind, name, token_id, values, grid in media:
@@ -165,29 +175,18 @@ class QVAModel(nn.Module):
             spatial_merge_size=cfg.vision.spatial_merge_size,
         )
 
-    def embed_inputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        audio_valid_frames: torch.Tensor | None = None,
-        audio_rows: torch.Tensor | None = None,
-        check: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The LLM's inputs for a prompt batch: embeddings `[B, S, D]`, positions `[3, B, S]`, rope deltas `[B, 1]`.
-        `audio_rows` (encoder rows computed before) replaces `input_features`; `check=False` skips `check_inputs`."""
+    def embed_inputs(self, *args, check: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM's inputs for a prompt batch (a `ModelInputs` or its fields): embeddings `[B, S, D]`, positions
+        `[3, B, S]`, rope deltas `[B, 1]`. `audio_rows` (encoder rows computed before) replaces `input_features`;
+        `check=False` skips `check_inputs`."""
+        i = as_inputs(args, kwargs)
         if check:
-            self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                              input_features, audio_valid_frames, audio_rows)
-        features = self.media_features(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if input_features is not None or audio_rows is not None:
-            features.append((self.config.audio_token_id, self.audio_features(input_features, audio_valid_frames, audio_rows)))
-        embeds = merge_embeddings(input_ids, self.model.embed_tokens(input_ids), features)
-        position_ids, rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+            self.check_inputs(i)
+        features = self.media_features(i.pixel_values, i.image_grid_thw, i.pixel_values_videos, i.video_grid_thw)
+        if i.input_features is not None or i.audio_rows is not None:
+            features.append((self.config.audio_token_id, self.audio_features(i.input_features, i.audio_valid_frames, i.audio_rows)))
+        embeds = merge_embeddings(i.input_ids, self.model.embed_tokens(i.input_ids), features)
+        position_ids, rope_deltas = self.position_ids(i.input_ids, i.attention_mask, i.image_grid_thw, i.video_grid_thw)
         return embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device)
 
     def forward(
@@ -216,8 +215,8 @@ class QVAModel(nn.Module):
         The engine's two modes are `prefill` (a prompt batch into cache rows) and `decode_step`.
         """
         embeds, positions, rope_deltas = self.embed_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-            input_features, audio_valid_frames, audio_rows, check=check,
+            ModelInputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                        input_features, audio_valid_frames, audio_rows), check=check,
         )
         positions = positions if position_ids is None else position_ids
         if attention_mask is not None and bool(attention_mask.all()):
@@ -232,8 +231,8 @@ class QVAModel(nn.Module):
         """A prompt batch (`ModelInputs`, or a mapping of its fields) into `cache` (the rows it views), slots 0…S-1:
         the next-token logits `[B, logits_to_keep, V]` and the rope deltas `[B, 1]` that place the next tokens."""
         inputs = ModelInputs.of(inputs)
-        media = inputs.media()
-        embeds, positions, rope_deltas = self.embed_inputs(inputs.input_ids, inputs.attention_mask, **media, check=check)
+        embeds, positions, rope_deltas = self.embed_inputs(ModelInputs(inputs.input_ids, inputs.attention_mask, **inputs.media()),
+                                                           check=check)
         ids = inputs.input_ids
         mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask
         slots = torch.arange(ids.shape[1], device=embeds.device)  # [S]

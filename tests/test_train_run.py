@@ -205,7 +205,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_called_intact(train_dirs,
     weights["audio_projector.weight"][0, 0] = float("nan")
     save_file(weights, str(last / "trainable.safetensors"))
     manifest = json.loads((last / "manifest.json").read_text())
-    manifest["trainable.safetensors"] = C._sha256(last / "trainable.safetensors")  # checksums that match
+    manifest["trainable.safetensors"] = C.file_sha256(last / "trainable.safetensors")  # checksums that match
     (last / "manifest.json").write_text(json.dumps(manifest))
     assert C.problem(last).startswith("holds non-finite values")
     train(replace(cfg, resume=True, steps=3))

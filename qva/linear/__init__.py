@@ -6,7 +6,7 @@
     decode.py       decode-sized products (PyTorch's own kernel beside oneDNN's; the compiled `gemv`)
     dense.py        `matmul` (the autograd product that saves only the stored weight); `Linear`, `LayerNorm`, `Conv1d`
     lora.py         LoRA factors on any linear, merge / unmerge (where LoRA is applied)
-    frozen.py       what the frozen quantized layers share
+    frozen.py       the small base of the frozen quantized layers (built empty, filled from a weight or a checkpoint)
     nf4.py          QLoRA's NF4 layer
     weight_only.py  int8 / int4 layers
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .buffers import dequantize_out
 from .dense import swap_linears
-from .frozen import filled
+from .frozen import FrozenQuantizedLinear
 from .lora import with_lora
 
 # -- NF4: QLoRA's 4-bit NormalFloat base weights ------------------------------------------------------------
@@ -145,7 +145,7 @@ class NF4Product(torch.autograd.Function):
         return grad @ w, None, None, None, None, None
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(FrozenQuantizedLinear):
     """A frozen linear whose weight is stored in NF4 (bias kept as it was); LoRA may be added on top."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, bias_dtype=torch.float32):
@@ -160,16 +160,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight_absmax_offset", torch.empty(1, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
 
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, **_) -> "NF4Linear":
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, **_) -> "NF4Linear":
-        """Quantize `linear`'s weight, or `weight` (read for it: `linear` may be on the meta device); the
-        high-precision weight is not kept. The bias is taken as it is."""
-        w = (linear.weight if weight is None else weight).detach()
-        return filled(cls.empty_like(linear), nf4_quantize(w), linear)
+    quantize = staticmethod(nf4_quantize)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return nf4_dequantize(self.weight_nf4, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_offset,

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from .buffers import cast_weight, dequantize_out, scratch
-from .frozen import filled
+from .frozen import FrozenQuantizedLinear
 from .lora import with_lora
 from .measure import fastest, rows_bucket
 
@@ -118,7 +118,7 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, 
     return w if out is None else out.copy_(w)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(FrozenQuantizedLinear):
     """A frozen linear whose weight is int8 with a scale per output channel (bias kept); LoRA may be added."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=torch.bfloat16):
@@ -129,14 +129,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, **_) -> "Int8Linear":
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, **_) -> "Int8Linear":
-        w = (linear.weight if weight is None else weight).detach()
-        return filled(cls.empty_like(linear), int8_quantize(w), linear)
+    quantize = staticmethod(int8_quantize)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
@@ -156,7 +149,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(FrozenQuantizedLinear):
     """A frozen linear whose weight is int4 in groups of `group_size` with bf16 scales and zeros (bias kept)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=torch.bfloat16, group_size: int = 64):
@@ -168,14 +161,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_scales_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, group_size: int = 64, **_) -> "Int4Linear":
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype, group_size)
+    OPTIONS = ("group_size",)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None, group_size: int = 64, **_) -> "Int4Linear":
-        w = (linear.weight if weight is None else weight).detach()
-        return filled(cls.empty_like(linear, group_size), int4_quantize(w, group_size), linear)
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int = 64) -> dict[str, torch.Tensor]:
+        return int4_quantize(weight, group_size)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return int4_dequantize(self.weight_int4, self.weight_scales_zeros, dtype)

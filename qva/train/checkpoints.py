@@ -44,7 +44,7 @@ def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: to
                 save_file(weights, str(tmp / "trainable.safetensors"))
                 save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
-                digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+                digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
                 (tmp / "manifest.json").write_text(json.dumps(digests, indent=2))
         except WriteError as e:
             failed = str(e)
@@ -54,7 +54,7 @@ def save_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], opt: to
                          f"the last intact checkpoint is {last or 'none'} (free space, then --resume)")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +66,7 @@ def problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be used (checksums, unreadable or non-finite tensors), or None."""
     try:
         digests = json.loads((folder / "manifest.json").read_text())
-        if not digests or any(_sha256(folder / name) != d for name, d in digests.items()):
+        if not digests or any(file_sha256(folder / name) != d for name, d in digests.items()):
             return "is corrupted or incomplete (checksums do not match)"
         for name in ("trainable.safetensors", "optimizer.safetensors"):
             bad = [k for k, t in load_file(str(folder / name)).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -37,11 +37,16 @@ class TrainError(RuntimeError):
 class TrainConfig:
     stage: str = opt(REQUIRED, "1: projector; 2: projector + LoRA; lm: the LLM", choices=STAGES)
     model: str = opt(REQUIRED, "Qwen2-VL checkpoint, saved graft, or (stage 2) a stage-1 output")
-    train_data: str = opt(REQUIRED, "JSONL manifest", flag="--train")
+    train_data: str = opt(REQUIRED, "training data: qva JSONL, ms-swift / LLaMA-Factory JSON(L), parquet (file, folder or glob) or a save_to_disk folder", flag="--train")
     out: str = opt(REQUIRED, "run folder: checkpoints, metrics, and the trained model at the end")
     whisper: str | None = opt(None, "Whisper checkpoint to graft on (stages 1 and 2 on a plain Qwen2-VL)")
-    eval_data: str | None = opt(None, "dev JSONL: loss, exact match and WER every --eval-every steps", flag="--eval")
+    eval_data: str | None = opt(None, "dev data (any --train format): loss, exact match, WER and CER every --eval-every steps", flag="--eval")
     prompt: str | None = opt("Transcribe the audio.", "user text for short {'audio', 'text'} lines")
+    data_format: str = opt("auto", "format of --train / --eval (auto: detected from the content); see qva/train/formats.py",
+                           choices=("auto", "qva", "swift", "sharegpt", "alpaca", "parquet", "arrow"))
+    audio_column: str = opt("audio", "parquet / Arrow: the column holding each row's audio (a path or {'bytes', 'path'})")
+    text_column: str = opt("text", "parquet / Arrow: the column holding each row's transcript (the answer; --prompt asks)")
+    bucket_by_length: bool = opt(False, "batches of samples of similar length (less padding), still a seeded, recomputable order")
     audio_pool: int = opt(1, "fresh graft: encoder frames averaged into one audio token")
     audio_frames: str = opt("valid", "fresh graft: encoder frames kept (valid: those of real audio; full: all 1500)",
                             choices=("valid", "full"))
@@ -151,7 +156,7 @@ def _init_taking_old_names(self, *args, **kwargs):
 TrainConfig.__init__ = _init_taking_old_names
 PATHS = ("model", "whisper", "train_data", "eval_data", "out", "rows_cache")
 FIXED = ("stage", "model", "whisper", "audio_pool", "audio_frames", "lora_rank", "lora_targets", "qlora", "freeze")
-RESULT_CHANGING = ("train_data", "prompt", "seed", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
+RESULT_CHANGING = ("train_data", "data_format", "audio_column", "text_column", "bucket_by_length", "prompt", "seed", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "max_grad_norm", "lora_alpha", "lora_dropout", "dtype", "whisper_dtype",
                    "max_seq_len", "augment", "keep_best")
 IGNORED_ON_RESUME = ("out", "resume", "overwrite", "allow_changes")

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import chat_template
-from ..audio import AudioError, audio_token_count
+from ..audio import SAMPLE_RATE, AudioError, audio_token_count, load_audio
 from ..image_processing import ImageError
 from ..inputs import MEDIA, ModelInputs
 from ..model import IGNORE
@@ -96,7 +96,24 @@ class Sample:
 
 
 def read_manifest(path: str | os.PathLike, prompt: str | None = None) -> tuple[list[Example], list[tuple[str, str]]]:
-    """Examples of a JSONL manifest, and (where, why) for the lines that cannot be read."""
+    """Examples of a qva JSONL manifest, and (where, why) for the lines that cannot be read. Other formats
+    (ms-swift, LLaMA-Factory, parquet, Arrow): `qva.train.formats.read_data`."""
+    path = Path(path)
+    examples, bad = [], []
+    for where, obj, why in jsonl_objects(path):
+        if why is not None:
+            bad.append((where, why))
+            continue
+        try:
+            examples.append(parse_line(obj, path.parent, where, prompt))
+        except DataError as e:
+            bad.append((where, str(e).removeprefix(f"{where}: ")))
+    return examples, bad
+
+
+def jsonl_objects(path: Path):
+    """(where, decoded JSON, None) for each non-empty line of a JSONL file, or (where, None, why) for a line
+    that cannot be decoded; the rules below hold for every JSONL format read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest")
@@ -104,23 +121,21 @@ def read_manifest(path: str | os.PathLike, prompt: str | None = None) -> tuple[l
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(f"{path}: starts with a UTF-16 byte-order mark; a manifest must be UTF-8 (one JSON object a line)")
     data = data.removeprefix(codecs.BOM_UTF8)  # rule: a leading UTF-8 BOM is accepted, nothing else is dropped
-    examples, bad = [], []
     for n, raw in enumerate(data.split(b"\n"), start=1):  # rule: only "\n" ends a line ("\r\n" too: JSON allows the "\r")
         where = f"{path}:{n}"
         try:
             line = raw.decode("utf-8")  # rule: strict, per line; a bad byte skips its line, never becomes U+FFFD
         except UnicodeDecodeError as e:
-            bad.append((where, f"not valid UTF-8: byte {e.start + 1} of the line is {raw[e.start:e.start + 1]!r} ({e.reason})"))
+            yield where, None, f"not valid UTF-8: byte {e.start + 1} of the line is {raw[e.start:e.start + 1]!r} ({e.reason})"
             continue
         if not line.strip():
             continue
         try:
-            examples.append(parse_line(json.loads(line, object_pairs_hook=_unique_keys), path.parent, where, prompt))
+            yield where, json.loads(line, object_pairs_hook=_unique_keys), None
         except json.JSONDecodeError as e:
-            bad.append((where, f"not valid JSON: {e.msg} at column {e.colno}"))
+            yield where, None, f"not valid JSON: {e.msg} at column {e.colno}"
         except DataError as e:
-            bad.append((where, str(e).removeprefix(f"{where}: ")))
-    return examples, bad
+            yield where, None, str(e)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -241,6 +256,9 @@ def check_item(item, name: str) -> None:
             raise DataError(f"field {name}.video: expected a folder path or a non-empty list of frame paths, got an empty list")
         for f, frame in enumerate(item[key]):
             _path(frame, f"{name}.video[{f}]")
+    elif key == "audio" and isinstance(item[key], (bytes, bytearray)):  # an encoded file, from parquet / Arrow rows
+        if not item[key]:
+            raise DataError(f"field {name}.audio: expected the bytes of an audio file, got empty bytes")
     else:
         _path(item[key], f"{name}.{key}")
 
@@ -284,7 +302,7 @@ def encode(example: Example, processor: Processor, max_seq_len: int, context: in
     """Tokens, labels and media of one example; a `DataError` names it when it cannot be used. A sample over
     `max_seq_len` (or over `context`, the model's, when given) is refused with its length, never truncated."""
     try:
-        enc = processor.encode_conversation(example.messages)
+        enc = processor.encode_conversation(_bytes_decoded(example.messages))
     except (AudioError, ImageError, ValueError, OSError) as e:
         raise DataError(f"{example.where}: {e}") from None
     ids, labels = enc.input_ids[0], enc.labels[0]
@@ -293,6 +311,21 @@ def encode(example: Example, processor: Processor, max_seq_len: int, context: in
     if context is not None and ids.shape[0] > context:
         raise DataError(f"{example.where}: {ids.shape[0]} tokens, over the model's context of {context} (max_position_embeddings)")
     return Sample(example, ids, labels, _last_answer_start(labels), enc.media())
+
+
+def _bytes_decoded(messages: list[dict]) -> list[dict]:
+    """`messages` with each audio given as an encoded file's bytes (parquet / Arrow rows) decoded to a 16 kHz
+    `(waveform, rate)` pair: the same waveform `load_audio` gives for that file's path."""
+    if not any(isinstance(i, dict) and isinstance(i.get("audio"), (bytes, bytearray)) for m in messages
+               if isinstance(m.get("content"), list) for i in m["content"]):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": [{**i, "audio": (load_audio(bytes(i["audio"])), SAMPLE_RATE)}
+                                  if isinstance(i, dict) and isinstance(i.get("audio"), (bytes, bytearray)) else i for i in m["content"]]}
+        out.append(m)
+    return out
 
 
 def _last_answer_start(labels: torch.Tensor) -> int:
@@ -361,6 +394,49 @@ def collate(samples: list[Sample], pad_id: int, prompt_only: bool = False) -> Mo
     return batch
 
 
+# -- the order of an epoch ------------------------------------------------------------------------------------------
+BUCKET_BATCHES = 64  # with bucketing, batches are formed by length within windows of this many batches of the permutation
+_orders: dict = {}
+
+
+def epoch_order(samples: list[Sample], seed: int, epoch: int, bucket: int | None = None) -> list[int]:
+    """The sample indices of one epoch, a function of (seed, epoch, the samples' lengths) only.
+
+    Without `bucket`: the seeded permutation (`torch.randperm`, seed · 100 003 + epoch), as always.
+    With `bucket` = the batch size: that permutation is cut into windows of BUCKET_BATCHES batches, each window
+    sorted by length (stable) and cut into batches, and the batches of the whole epoch are put in a seeded random
+    order (so a step is not always the shortest or the longest). Consecutive runs of `bucket` indices, which is what
+    each micro-batch takes when the epoch length is a multiple of the batch, then hold samples of similar length.
+    The last order is kept (recomputing it for every sample of a step would be quadratic)."""
+    key = (id(samples), len(samples), seed, epoch, bucket)
+    kept = _orders.get("last")
+    if kept is not None and kept[0] == key and kept[1] is samples:
+        return kept[2]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(samples), generator=g).tolist()
+    if bucket:
+        lengths = [s.input_ids.shape[0] for s in samples]
+        window = bucket * BUCKET_BATCHES
+        batches = []
+        for w in range(0, len(order), window):
+            part = sorted(order[w:w + window], key=lambda j: lengths[j])
+            batches += [part[b:b + bucket] for b in range(0, len(part), bucket)]
+        shuffled = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)).tolist()
+        order = [j for b in shuffled for j in batches[b]]
+    _orders["last"] = (key, samples, order)
+    return order
+
+
+def padding_fraction(lengths: list[int], batch_size: int) -> float:
+    """Padded positions over all positions when `lengths` are batched in order, `batch_size` at a time."""
+    padded = total = 0
+    for b in range(0, len(lengths), batch_size):
+        chunk = lengths[b:b + batch_size]
+        padded += max(chunk) * len(chunk) - sum(chunk)
+        total += max(chunk) * len(chunk)
+    return padded / max(total, 1)
+
+
 def to_device(batch: ModelInputs, device: torch.device) -> ModelInputs:
     """The batch on the model's device; grid metadata stays on the host (read with .tolist())."""
     return batch if device.type == "cpu" else batch.to(device)
@@ -384,7 +460,9 @@ def clip_key(sample: Sample) -> str:
     """A sample's audio identity: its sources (paths with size and mtime; arrays by content)."""
     h = hashlib.sha256()
     for src in sample.example.audio_sources:
-        if isinstance(src, (str, os.PathLike)) and Path(src).is_file():
+        if isinstance(src, (bytes, bytearray)):  # an encoded file's bytes: identified by their content
+            h.update(b"bytes:" + hashlib.sha256(src).digest())
+        elif isinstance(src, (str, os.PathLike)) and Path(src).is_file():
             st = Path(src).stat()
             h.update(f"{Path(src).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
         else:

@@ -36,7 +36,8 @@ from . import dist as D
 from .augment import augmented
 from .checkpoints import latest_intact, load_checkpoint, prune, save_checkpoint
 from .config import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError  # noqa: F401  (re-exported: qva.train.loop.TrainConfig)
-from .data import Sample, check_max_seq_len, collate, describe_skipped, encode_all, fill_audio_rows, read_manifest, to_device
+from .data import Sample, check_max_seq_len, collate, describe_skipped, encode_all, epoch_order, fill_audio_rows, to_device
+from .formats import read_data
 from .evaluate import run_eval
 from .log import Log
 from .run import claim, write_output
@@ -77,7 +78,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     check_max_seq_len(cfg.max_seq_len, model.config.text.max_position_embeddings)
 
     # data: encoded once; Whisper rows computed once (and cached) unless augmentation changes the audio
-    examples, bad = read_manifest(cfg.train_data, cfg.prompt)
+    examples, bad = read_data(cfg.train_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
     samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
     if bad:
         log(describe_skipped(bad))
@@ -85,7 +86,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
         raise TrainError(f"{cfg.train_data}: no usable samples")
     dev: list[Sample] = []
     if cfg.eval_data:
-        dev_examples, dev_bad = read_manifest(cfg.eval_data, cfg.prompt)
+        dev_examples, dev_bad = read_data(cfg.eval_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
         dev, dev_bad = encode_all(dev_examples, processor, cfg.max_seq_len, cfg.strict, dev_bad)
         if dev_bad:
             log("dev: " + describe_skipped(dev_bad))
@@ -124,7 +125,8 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     for step in range(state["step"], total):
         # the step's global batch: the next per_step samples of the seeded order; this rank's micro-batch m is
         # the slice [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch
-        micro = [[next_sample(samples, state["samples_seen"] + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed)
+        bucket = cfg.batch_size if cfg.bucket_by_length else None
+        micro = [[next_sample(samples, state["samples_seen"] + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed, bucket)
                   for i in range(cfg.batch_size)] for m in range(cfg.grad_accum)]
         if cfg.augment.on:
             micro = [augmented(model, batch, cfg.augment, cfg.seed, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
@@ -210,10 +212,11 @@ def accumulate(model, batches: list[dict], d: D.Dist = D.Dist(), scale: int = 1)
     return D.all_sum(loss_sum, d) / n_labels
 
 
-def next_sample(samples: list[Sample], index: int, seed: int) -> Sample:
-    """The `index`-th sample of the run: epochs of a seeded permutation, so any position can be recomputed."""
+def next_sample(samples: list[Sample], index: int, seed: int, bucket: int | None = None) -> Sample:
+    """The `index`-th sample of the run: epochs of a seeded order (`data.epoch_order`: a permutation, or with
+    `bucket` (the batch size) batches of similar length), a function of (seed, epoch) only, so any position can
+    be recomputed (resume)."""
     epoch, i = divmod(index, len(samples))
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return samples[int(order[i])]
+    return samples[epoch_order(samples, seed, epoch, bucket)[i]]
 
 

@@ -16,7 +16,6 @@ ends, so a killed run leaves no stale lock.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from weights_loader.writer import MARKER, WriteError, atomic_file, atomic_folder
 
 from ..adapters import write_adapter_files
 from ..pretrained import write_model_files
-from .checkpoints import is_checkpoint, step_folders
+from .checkpoints import file_sha256, is_checkpoint, step_folders
 from .config import TrainConfig, TrainError, resume_changes
 
 try:
@@ -35,14 +34,6 @@ except ImportError:  # no advisory locks on this platform: a second trainer is n
 
 LOCK = ".qva-lock"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "tensorboard", LOCK)  # the run's own, kept across outputs
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def recorded_config(run: Path) -> TrainConfig | None:

@@ -64,10 +64,15 @@ class QVAModel(nn.Module):
         self.visual = VisionTransformer(cfg.vision)
         self.model = Qwen2Model(cfg.text)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
+        self.processor = None  # the folder's `Processor`, set by `qva.load` when the folder has a tokenizer
         self.audio_encoder = WhisperEncoder(cfg.audio) if cfg.audio else None
         self.audio_projector = Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=False) if cfg.audio else None
+
+    def tie_weights(self) -> None:
+        """With tied embeddings (the 2B model) the head is the embedding matrix itself: after loading or casting."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- inputs ---------------------------------------------------------------------------------------
     def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):

@@ -179,8 +179,7 @@ def load_weights(model: QVAModel, ckpt: Checkpoint, dtype=None, device=None, ign
     if not tied and "lm_head.weight" not in ckpt:
         raise CheckpointError(f"{ckpt.path}: config says tie_word_embeddings=false but there is no lm_head.weight")
     load_into(model, ckpt, skip=skip, ignore=extra, dtype=dtype, device=device, progress=progress)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
 
 
 def load_whisper_encoder(

@@ -17,7 +17,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -264,9 +264,6 @@ class Checkpoint:
     def read_prefix(self, prefix: str, dtype=None, device=None, strip: bool = True) -> dict[str, torch.Tensor]:
         """All tensors whose name starts with `prefix`, keyed without the prefix if `strip`."""
         return {(n[len(prefix):] if strip else n): t for n, t in self.items(self.names(prefix), dtype, device)}
-
-    def select(self, keep: Callable[[str], bool]) -> list[str]:
-        return [n for n in self.tensors if keep(n)]
 
     def close(self) -> None:
         for f, m in self._maps.values():

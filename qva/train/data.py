@@ -52,7 +52,6 @@ MEDIA_KINDS = ("image", "video", "audio")
 ROLES = ("system", "user", "assistant")
 # a content item's payload key → the kind it is (`image_url` is the OpenAI spelling of an image)
 ITEM_KEYS = {"text": "text", "image": "image", "image_url": "image", "video": "video", "audio": "audio"}
-ANSWER_END = "<|im_end|>"
 
 
 class DataError(ValueError):

@@ -37,8 +37,7 @@ def build_model(cfg: TrainConfig, device=None):
     if cfg.stage == "lm":
         model.model.float()
         model.lm_head.float()
-        if model.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
     model.model.checkpoint_layers = cfg.activation_checkpointing
     freeze_for_stage(model, cfg)
     return model

@@ -38,7 +38,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device, use: str = "cast
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (use, shape, dtype, device)
     if key not in buffers:
-        buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode alike
+            buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return buffers[key]
 
 

@@ -82,3 +82,17 @@ def test_norm_and_conv_follow_the_input_dtype():
     assert torch.allclose(ln(x), F.layer_norm(x, (8,), ln.weight.float(), ln.bias.float()), atol=1e-6)
     s = torch.randn(1, 4, 10)
     assert torch.allclose(conv(s), F.conv1d(s, conv.weight.float(), conv.bias.float(), padding=1), atol=1e-6)
+
+
+def test_a_scratch_buffer_made_in_inference_mode_serves_outside_it():
+    """The kept cast buffer is shared by every call of its shape: one made under `torch.inference_mode` (generate)
+    must not break a later `torch.no_grad` product (an in-place write to an inference tensor is refused)."""
+    clear_scratch()
+    w = torch.randn(6, 8).to(torch.bfloat16)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        a = matmul(x, w)
+    with torch.no_grad():
+        b = matmul(x, w)
+    assert torch.equal(a, b)
+    clear_scratch()

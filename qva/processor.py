@@ -191,7 +191,8 @@ class Processor:
             raise ValueError("audio was given but this model has no audio encoder (load it with qva.load(..., whisper=PATH))")
         waves = []
         for a in audios:  # a path, (array, sample_rate), or an array already at 16 kHz
-            waves.append(load_audio(*a) if isinstance(a, tuple) else load_audio(a, None if isinstance(a, (str, Path)) else SAMPLE_RATE))
+            encoded = isinstance(a, (str, Path, bytes, bytearray, memoryview))  # a file, by path or by its bytes
+            waves.append(load_audio(*a) if isinstance(a, tuple) else load_audio(a, None if encoded else SAMPLE_RATE))
         per_clip = []
         feats, valid = [], []
         for w in waves:

@@ -315,7 +315,7 @@ def test_eval_and_merge_cli(stage1, train_dirs, tmp_path, capsys):
     train(cfg, quiet=True)
     assert train_cli(["eval", cfg.out, "--data", str(train_dirs[4]), "--json", "--limit", "4", "--cache", "none"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) == {"exact_match", "wer", "n"} and result["n"] == 4
+    assert set(result) == {"exact_match", "wer", "cer", "wer_plain", "n"} and result["n"] == 4
     assert train_cli(["merge", cfg.out, "--out", str(tmp_path / "merged")]) == 0
     merged, adapted = qva.load(tmp_path / "merged"), qva.load(cfg.out)
     assert not lora_linears(merged)

@@ -7,6 +7,8 @@
     checkpoints.py  step checkpoints: atomic, checked before use
     stop.py         SIGTERM / SIGINT: stop after the step with a checkpoint
     log.py          progress, metrics.jsonl, TensorBoard
+    formats.py      ms-swift / LLaMA-Factory (sharegpt, alpaca) / parquet / save_to_disk → the same samples
+    normalize.py    English text normalisation for WER / CER
     data.py         JSONL manifests → samples with labels on assistant spans → batches; Whisper-row cache
     augment.py      speed perturbation, noise, SpecAugment masks
     evaluate.py     greedy answers, exact match, WER; the dev scores of a run

@@ -5,7 +5,7 @@
     qva-train --stage 2 --model runs/stage1 --train train.jsonl --eval dev.jsonl --out runs/stage2 \\
               --lora-rank 16 --lr 2e-4 --projector-lr 1e-3 --epochs 3
     qva-train --stage lm --model small-qwen2-vl --train text.jsonl --out runs/lm --freeze embeddings --steps 700
-    qva-train eval runs/stage2 --data test.jsonl --json      # {"exact_match": ..., "wer": ..., "n": ...}
+    qva-train eval runs/stage2 --data test.jsonl --json      # {"exact_match": ..., "wer": ..., "cer": ..., "n": ...}
     qva-train merge runs/stage2 --out merged                 # LoRA folded into the base: one qva.save folder
 
 Also `python -m qva.train ...`. Every bad input is one line on stderr and exit status 2.
@@ -55,20 +55,26 @@ def load_relocated(args):
 
 
 def eval_main(argv: list[str]) -> int:
-    """`qva-train eval DIR --data test.jsonl [--json]`: exact match and WER of greedy answers."""
+    """`qva-train eval DIR --data test.jsonl [--data other.parquet ...] [--json]`: exact match, WER and CER (both
+    after English normalisation) of greedy answers, per set."""
     import torch
 
-    from .data import describe_skipped, encode_all, fill_audio_rows, read_manifest
+    from .data import describe_skipped, encode_all, fill_audio_rows
     from .evaluate import evaluate
+    from .formats import FORMATS, read_data
 
     p = argparse.ArgumentParser(prog="qva-train eval", description=eval_main.__doc__)
     p.add_argument("model", help="a trained model (a run folder) or any qva checkpoint")
-    p.add_argument("--data", required=True, help="JSONL manifest")
+    p.add_argument("--data", required=True, action="append",
+                   help="a dataset in any --train format (repeatable: each set scored on its own)")
+    p.add_argument("--data-format", default="auto", choices=FORMATS, help="format of --data (auto: detected from the content)")
+    p.add_argument("--audio-column", default="audio", help="parquet / Arrow: the audio column")
+    p.add_argument("--text-column", default="text", help="parquet / Arrow: the transcript column")
     p.add_argument("--prompt", help="user text for short lines (default: the prompt the run was trained with)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (several --data: {\"sets\": {data: scores}})")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, help="score the first N samples")
+    p.add_argument("--limit", type=int, help="score the first N samples of each set")
     p.add_argument("--cache", help="Whisper-row cache folder ('none': off)")
     add_relocation_flags(p)
     args = p.parse_args(argv)
@@ -77,19 +83,26 @@ def eval_main(argv: list[str]) -> int:
     model = load_relocated(args)
     if model.processor is None:
         raise TrainError(f"{args.model}: no tokenizer.json")
-    examples, bad = read_manifest(args.data, prompt)
-    samples, bad = encode_all(examples[: args.limit] if args.limit else examples, model.processor, model.config.text.max_position_embeddings,
-                              bad=bad)
-    if bad:
-        print(describe_skipped(bad), file=sys.stderr)
-    if model.audio_encoder is not None:
-        from ..demo import cache_dir
+    sets = {}
+    for data in args.data:
+        examples, bad = read_data(data, prompt, args.data_format, args.audio_column, args.text_column)
+        samples, bad = encode_all(examples[: args.limit] if args.limit else examples, model.processor,
+                                  model.config.text.max_position_embeddings, bad=bad)
+        if bad:
+            print(describe_skipped(bad), file=sys.stderr)
+        if model.audio_encoder is not None:
+            from ..demo import cache_dir
 
-        fill_audio_rows(model, samples, None if args.cache == "none" else Path(args.cache) if args.cache else cache_dir() / "whisper-rows")
-    with torch.inference_mode():
-        result = evaluate(model, model.processor, samples, args.batch_size, args.max_new_tokens)
-    summary = {"exact_match": result["exact_match"], "wer": result["wer"], "n": result["n"]}
-    print(json.dumps(summary) if args.json else f"exact match {summary['exact_match']:.1f}%, WER {summary['wer']:.1f}% (n={summary['n']})")
+            fill_audio_rows(model, samples, None if args.cache == "none" else Path(args.cache) if args.cache else cache_dir() / "whisper-rows")
+        with torch.inference_mode():
+            result = evaluate(model, model.processor, samples, args.batch_size, args.max_new_tokens)
+        sets[data] = {k: result[k] for k in ("exact_match", "wer", "cer", "wer_plain", "n")}
+    if args.json:
+        print(json.dumps(next(iter(sets.values())) if len(sets) == 1 else {"sets": sets}))
+    else:
+        for data, s in sets.items():
+            print((f"{data}: " if len(sets) > 1 else "") + f"exact match {s['exact_match']:.1f}%, WER {s['wer']:.1f}%, "
+                  f"CER {s['cer']:.1f}% (n={s['n']})")
     return 0
 
 

@@ -37,7 +37,8 @@ class TrainError(RuntimeError):
 class TrainConfig:
     stage: str = opt(REQUIRED, "1: projector; 2: projector + LoRA; lm: the LLM", choices=STAGES)
     model: str = opt(REQUIRED, "Qwen2-VL checkpoint, saved graft, or (stage 2) a stage-1 output")
-    train_data: str = opt(REQUIRED, "training data: qva JSONL, ms-swift / LLaMA-Factory JSON(L), parquet (file, folder or glob) or a save_to_disk folder", flag="--train")
+    train_data: str = opt(REQUIRED, "training data: qva JSONL, ms-swift / LLaMA-Factory JSON(L), parquet (file, folder or glob) "
+                                    "or a save_to_disk folder", flag="--train")
     out: str = opt(REQUIRED, "run folder: checkpoints, metrics, and the trained model at the end")
     whisper: str | None = opt(None, "Whisper checkpoint to graft on (stages 1 and 2 on a plain Qwen2-VL)")
     eval_data: str | None = opt(None, "dev data (any --train format): loss, exact match, WER and CER every --eval-every steps", flag="--eval")
@@ -156,7 +157,8 @@ def _init_taking_old_names(self, *args, **kwargs):
 TrainConfig.__init__ = _init_taking_old_names
 PATHS = ("model", "whisper", "train_data", "eval_data", "out", "rows_cache")
 FIXED = ("stage", "model", "whisper", "audio_pool", "audio_frames", "lora_rank", "lora_targets", "qlora", "freeze")
-RESULT_CHANGING = ("train_data", "data_format", "audio_column", "text_column", "bucket_by_length", "prompt", "seed", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
+RESULT_CHANGING = ("train_data", "data_format", "audio_column", "text_column", "bucket_by_length", "prompt", "seed", "batch_size",
+                   "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "max_grad_norm", "lora_alpha", "lora_dropout", "dtype", "whisper_dtype",
                    "max_seq_len", "augment", "keep_best")
 IGNORED_ON_RESUME = ("out", "resume", "overwrite", "allow_changes")

@@ -1,4 +1,6 @@
-"""Training data: JSONL manifests → encoded samples (token ids, labels, media) → left-padded batches.
+"""Training data: JSONL manifests → encoded samples (token ids, labels, media) → left-padded batches; the order
+of an epoch (optionally bucketed by length). Other formats (ms-swift, LLaMA-Factory, parquet, Arrow) are turned
+into the same Examples by `formats.py`; audio may be given as an encoded file's bytes (the processor decodes it).
 
 A line is either the inference message format, or the short ASR form that `prompt` turns into one:
 
@@ -42,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import chat_template
-from ..audio import SAMPLE_RATE, AudioError, audio_token_count, load_audio
+from ..audio import AudioError, audio_token_count
 from ..image_processing import ImageError
 from ..inputs import MEDIA, ModelInputs
 from ..model import IGNORE
@@ -301,7 +303,7 @@ def encode(example: Example, processor: Processor, max_seq_len: int, context: in
     """Tokens, labels and media of one example; a `DataError` names it when it cannot be used. A sample over
     `max_seq_len` (or over `context`, the model's, when given) is refused with its length, never truncated."""
     try:
-        enc = processor.encode_conversation(_bytes_decoded(example.messages))
+        enc = processor.encode_conversation(example.messages)
     except (AudioError, ImageError, ValueError, OSError) as e:
         raise DataError(f"{example.where}: {e}") from None
     ids, labels = enc.input_ids[0], enc.labels[0]
@@ -310,21 +312,6 @@ def encode(example: Example, processor: Processor, max_seq_len: int, context: in
     if context is not None and ids.shape[0] > context:
         raise DataError(f"{example.where}: {ids.shape[0]} tokens, over the model's context of {context} (max_position_embeddings)")
     return Sample(example, ids, labels, _last_answer_start(labels), enc.media())
-
-
-def _bytes_decoded(messages: list[dict]) -> list[dict]:
-    """`messages` with each audio given as an encoded file's bytes (parquet / Arrow rows) decoded to a 16 kHz
-    `(waveform, rate)` pair: the same waveform `load_audio` gives for that file's path."""
-    if not any(isinstance(i, dict) and isinstance(i.get("audio"), (bytes, bytearray)) for m in messages
-               if isinstance(m.get("content"), list) for i in m["content"]):
-        return messages
-    out = []
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            m = {**m, "content": [{**i, "audio": (load_audio(bytes(i["audio"])), SAMPLE_RATE)}
-                                  if isinstance(i, dict) and isinstance(i.get("audio"), (bytes, bytearray)) else i for i in m["content"]]}
-        out.append(m)
-    return out
 
 
 def _last_answer_start(labels: torch.Tensor) -> int:

@@ -1,8 +1,12 @@
-"""Scoring a model's greedy answers: exact match and word error rate.
+"""Scoring a model's greedy answers: exact match, word error rate, character error rate.
 
 Exact match compares the whole answer after stripping surrounding whitespace and final punctuation (and
-collapsing inner whitespace); WER is the word-level edit distance over the reference's word count, summed
-over the set (Levenshtein: substitutions, insertions and deletions).
+collapsing inner whitespace). WER and CER are computed as speech people score them: both texts first go through
+the English normalisation of `normalize.py` (case, punctuation, numbers in words → digits, contractions), then
+WER is the word-level edit distance over the reference's word count and CER the character-level one (spaces
+between words count) over the reference's characters, each summed over the set (Levenshtein: substitutions,
+insertions and deletions). `wer_plain` is the WER without that normalisation (only whitespace and final
+punctuation), as before.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from ..generate import DEFAULT_EOS, generate
 from .data import Sample, collate, to_device
+from .normalize import english
 
 FINAL_PUNCTUATION = ".,!?;:。！？"
 
@@ -22,8 +27,12 @@ def normalize(text: str) -> str:
 
 
 def word_errors(hyp: str, ref: str) -> tuple[int, int]:
-    """(edit distance in words, number of reference words)."""
-    h, r = normalize(hyp).split(), normalize(ref).split()
+    """(edit distance in words, number of reference words), after `normalize` (whitespace, final punctuation)."""
+    return edit_distance(normalize(hyp).split(), normalize(ref).split())
+
+
+def edit_distance(h: list, r: list) -> tuple[int, int]:
+    """(Levenshtein distance from `h` to `r`, len(r))."""
     prev = list(range(len(h) + 1))
     for i, rw in enumerate(r, start=1):
         cur = [i] + [0] * len(h)
@@ -34,13 +43,18 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 
 
 def score(hyps: list[str], refs: list[str]) -> dict:
-    """{"exact_match": %, "wer": %, "n": count}."""
+    """{"exact_match": %, "wer": % (English-normalised), "cer": % (likewise), "wer_plain": %, "n": count}."""
     if not refs:
-        return {"exact_match": 0.0, "wer": 0.0, "n": 0}
+        return {"exact_match": 0.0, "wer": 0.0, "cer": 0.0, "wer_plain": 0.0, "n": 0}
     exact = sum(normalize(h) == normalize(r) for h, r in zip(hyps, refs))
-    errors = [word_errors(h, r) for h, r in zip(hyps, refs)]
-    words = max(1, sum(n for _, n in errors))
-    return {"exact_match": 100.0 * exact / len(refs), "wer": 100.0 * sum(e for e, _ in errors) / words, "n": len(refs)}
+
+    def rate(errors):
+        return 100.0 * sum(e for e, _ in errors) / max(1, sum(n for _, n in errors))
+
+    normed = [(english(h), english(r)) for h, r in zip(hyps, refs)]
+    return {"exact_match": 100.0 * exact / len(refs), "wer": rate([edit_distance(h.split(), r.split()) for h, r in normed]),
+            "cer": rate([edit_distance(list(h), list(r)) for h, r in normed]),
+            "wer_plain": rate([word_errors(h, r) for h, r in zip(hyps, refs)]), "n": len(refs)}
 
 
 @torch.no_grad()
@@ -85,4 +99,4 @@ def run_eval(model, processor, dev: list[Sample], batch_size: int, max_new_token
     scored = dev[: limit] if limit else dev
     result = evaluate(model, processor, scored, batch_size, max_new_tokens)
     model.train(was_training)
-    return {"eval_loss": loss_sum / max(n, 1), "exact_match": result["exact_match"], "wer": result["wer"], "n": result["n"]}
+    return {"eval_loss": loss_sum / max(n, 1), **{k: result[k] for k in ("exact_match", "wer", "cer", "wer_plain", "n")}}

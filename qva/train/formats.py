@@ -1,6 +1,6 @@
 """Training data as users already hold it: every format `--train` / `--eval` read, turned into qva Examples.
 
-    qva        JSONL in the inference message format, or short {"audio", "text"} lines (`data.read_manifest`)
+    qva        JSONL (or a JSON list) in the inference message format, or short {"audio", "text"} lines (`data.parse_line`)
     swift      ms-swift JSON / JSONL: {"messages": [{"role", "content": "<audio>What is said?"}, ...],
                "audios": [...], "images": [...], "videos": [...]}
     sharegpt   LLaMA-Factory: {"conversations": [{"from": "human", "value": "<audio>..."}, {"from": "gpt", ...}],
@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .data import DataError, Example, _got, _text, _unique_keys, jsonl_objects, parse_line, read_manifest
+from .data import DataError, Example, _got, _text, _unique_keys, jsonl_objects, parse_line
 
 FORMATS = ("auto", "qva", "swift", "sharegpt", "alpaca", "parquet", "arrow")
 TAG = re.compile(r"<(audio|image|video)>")
@@ -78,11 +78,7 @@ def iter_data(path, prompt=None, data_format="auto", audio_column="audio", text_
                         yield where, str(e).removeprefix(f"{where}: ")
         return
     path = Path(path)
-    if fmt == "qva":
-        examples, bad = read_manifest(path, prompt)  # the qva reader, unchanged
-        yield from _in_line_order(examples, bad)
-        return
-    convert = CONVERTERS[fmt]
+    convert = CONVERTERS.get(fmt, lambda obj: obj)  # qva: `data.read_manifest`'s reading, JSON lists too
     for where, obj, why in json_objects(path):
         if why is not None:
             yield where, why
@@ -91,13 +87,6 @@ def iter_data(path, prompt=None, data_format="auto", audio_column="audio", text_
             yield parse_line(convert(obj), path.parent, where, prompt)
         except DataError as e:
             yield where, str(e).removeprefix(f"{where}: ")
-
-
-def _in_line_order(examples, bad):
-    def line(where):
-        tail = where.rsplit(":", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
-    return sorted([*examples, *bad], key=lambda x: line(x.where if isinstance(x, Example) else x[0]))
 
 
 # -- detection ---------------------------------------------------------------------------------------------------------

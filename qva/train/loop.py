@@ -37,8 +37,8 @@ from .augment import augmented
 from .checkpoints import latest_intact, load_checkpoint, prune, save_checkpoint
 from .config import DTYPES, FREEZABLE, STAGES, TrainConfig, TrainError  # noqa: F401  (re-exported: qva.train.loop.TrainConfig)
 from .data import Sample, check_max_seq_len, collate, describe_skipped, encode_all, epoch_order, fill_audio_rows, to_device
-from .formats import read_data
 from .evaluate import run_eval
+from .formats import read_data
 from .log import Log
 from .run import claim, write_output
 from .stages import build_model, check_trainable, lr_factor, make_optimizer, trainable_table

@@ -11,9 +11,12 @@ compares the two on sentences and lists where they differ):
   4. numbers in words become digits: cardinals ("one thousand two hundred and thirty four" → 1234), digit by
      digit ("oh eight" → 08), adjacent numbers joined as Whisper joins them ("nineteen ninety nine" → 1999),
      "point" decimals (3.5), ordinals (twenty second → 22nd), "percent" → %, "dollars" → $ before the number;
-     a lone "a"/"one" before hundred/thousand is not a number word here ("a hundred" → "a 100", as Whisper)
+     "a" before hundred/thousand is not a number word ("a hundred" → "a 100", as Whisper)
   5. digits: thousands separators dropped (1,000 → 1000); a "." between digits kept (3.5)
-  6. every other punctuation mark becomes a space (apostrophes are removed), whitespace collapsed
+  6. a comma, full stop (not between digits), ; : ! or ? ends a run of number words ("nineteen, ninety" → 19 90;
+     Whisper removes punctuation first and joins them: 1990); a decimal ends its number (Whisper joins "three point
+     five twenty dollars" into $3.520);
+     every punctuation mark becomes a space (apostrophes are removed), whitespace collapsed
 Not done (Whisper does): British → American spelling (Whisper reads a 1 700-word list shipped with its
 tokenizer), fractions and currencies other than dollars, "twice", "double seven".
 """
@@ -92,7 +95,7 @@ def _numbers(words: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(words):
         w = words[i]
-        start_ok = w in UNITS or w in TEENS or w in TENS or (w in SCALES and out and out[-1].isdigit())
+        start_ok = _number_word(w)
         if not start_ok:
             ordinal = _ordinal(w)
             out.append(_parse_run([ordinal[0]]) + ordinal[1] if ordinal and ordinal[0] in UNITS | TEENS | TENS else w)
@@ -141,11 +144,12 @@ def english(text: str) -> str:
     for pattern, repl in CONTRACTIONS:
         s = re.sub(pattern, repl, s)
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # rule: 1,000 → 1000
-    s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)  # rule: a "." is kept only between digits
+    s = re.sub(r"(?<!\d)\.|\.(?!\d)|[,;:!?]", " \0 ", s)  # rule: a "." is kept only between digits; marks end a number
+
     s = re.sub(r"'", "", s)
-    s = re.sub(r"[^\w\s.$%]", " ", s)
+    s = re.sub(r"[^\w\s.$%\0]", " ", s)
     words = [TITLES.get(w, w) for w in s.split() if w not in FILLERS]
-    return " ".join(_numbers(words))
+    return " ".join(w for w in _numbers(words) if w != "\0")
 
 
 def chars(text: str) -> list[str]:

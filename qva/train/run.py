@@ -16,6 +16,8 @@ ends, so a killed run leaves no stale lock.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +36,22 @@ except ImportError:  # no advisory locks on this platform: a second trainer is n
 
 LOCK = ".qva-lock"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "tensorboard", LOCK)  # the run's own, kept across outputs
+
+
+def data_fingerprint(data: str) -> str | None:
+    """What identifies the training data: a file's SHA-256; for a folder or glob of shards, the SHA-256 of each
+    shard's name, size and modification time (the shards themselves may be large)."""
+    path = Path(data)
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(data))) if p.is_file())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def recorded_config(run: Path) -> TrainConfig | None:
@@ -133,7 +151,7 @@ def claim(cfg: TrainConfig, log=print) -> Claim:
                                  "replaced; other files stay), or choose another --out")
         elif cfg.resume:
             notes = [f"--resume: {path} has no record of its settings (train_config.json); starting from step 0"]
-        record = {"train_sha256": file_sha256(cfg.train_data)} if Path(cfg.train_data).is_file() else {}
+        record = {"train_sha256": data_fingerprint(cfg.train_data)}
         write_marker(path, "run", set(marker.get("files", [])) | set(RUN_FILES), **record)
         atomic_file(path / "train_config.json", cfg.recorded().to_json())
     except BaseException:
@@ -147,7 +165,7 @@ def check_resume(previous: TrainConfig, cfg: TrainConfig, marker: dict) -> list[
     """Notes on the settings that differ from the run's record; a `TrainError` for those that cannot be taken."""
     fixed, changing, other = resume_changes(previous, cfg)
     sha = marker.get("train_sha256")
-    if sha and Path(cfg.train_data).is_file() and file_sha256(cfg.train_data) != sha and "train_data" not in cfg.allow_changes:
+    if sha and data_fingerprint(cfg.train_data) != sha and "train_data" not in cfg.allow_changes:
         changing.append(f"train_data: the content of {cfg.train_data} changed since the run started")
     if fixed:
         raise TrainError(f"--resume: {'; '.join(fixed)}: cannot change on resume (the checkpoints hold the run's shapes and "

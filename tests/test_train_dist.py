@@ -14,6 +14,8 @@ import torch
 from conftest import max_rel_err
 from safetensors.torch import load_file
 
+import qva
+
 
 def run(train_dirs, out, *extra, procs=1, stage="2", manifest=None):
     _, qwen, _, whisper, default_manifest = train_dirs
@@ -57,6 +59,16 @@ def test_two_processes_equal_one(train_dirs, single, tmp_path, mode):
     for x, y in zip(losses(single), losses(out), strict=True):
         assert abs(x - y) <= 1e-6 * abs(x)
     assert (out / "adapter_model.safetensors").is_file()  # rank 0 wrote the output (gathered, under FSDP)
+    loaded = qva.load(out)  # stage 2 straight on a plain base: the graft is rebuilt from the run folder
+    assert torch.equal(loaded.audio_projector.weight.float(), b["audio_projector.weight"])
+
+
+def test_qlora_on_a_plain_base_under_torchrun_loads(train_dirs, tmp_path):
+    out = tmp_path / "qlora"
+    run(train_dirs, out, "--steps", "2", "--batch-size", "1", "--qlora", procs=2)
+    loaded, trained = qva.load(out), last_weights(out)
+    assert torch.equal(loaded.audio_projector.weight.float(), trained["audio_projector.weight"])
+    assert loaded.audio_encoder is not None and (out / "audio_graft.json").is_file()
 
 
 def test_resume_under_fsdp_is_exact(train_dirs, tmp_path):

@@ -1,6 +1,6 @@
 """English text normalisation for scoring speech: WER and CER compare words, not spelling conventions.
 
-`english(text)` applies, in order (Whisper's `EnglishTextNormalizer` is the reference; `tests/test_train_formats.py`
+`english(text)` applies, in order (Whisper's `EnglishTextNormalizer` is the reference; `tests/train/test_train_formats.py`
 compares the two on sentences and lists where they differ):
   1. Unicode NFKC, lower case; text in [brackets] or (parentheses) removed; fillers (um, uh, hmm, mm, mhm) removed
   2. contractions written out: won't → will not, can't → can not, let's → let us, n't → not, 're → are, 'll → will,

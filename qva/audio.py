@@ -248,3 +248,85 @@ def _log_mel_windows(batch: torch.Tensor, n_mels: int) -> torch.Tensor:
     log_spec = mel.clamp(min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+# -- long audio: pieces of at most 30 s, cut where it is quiet -----------------------------------------
+PAUSE_HOP = 160  # samples per energy frame (10 ms at 16 kHz)
+SILENCE_DB = -80.0  # dBFS: a frame this quiet is silence whatever the clip (16-bit dither is ~ -100)
+SPEECH_OVER_FLOOR_DB = 12.0  # a frame this far over the clip's noise floor is speech ...
+MIN_RANGE_DB = 10.0  # ... unless the clip's loudest frame is within this of its floor: then it has no pauses to find
+
+
+def split_at_pauses(wave, max_seconds: float = CHUNK_SECONDS, min_pause: float = 0.3, max_gap: float = 2.0,
+                    pad: float = 0.2) -> list[tuple[int, int]]:
+    """The speech of a 16 kHz clip as pieces `(start, end)` in samples, in order, none overlapping, each at
+    most `max_seconds` long, cut where the clip is quietest.
+
+    Frames of 10 ms are speech when their energy is `SPEECH_OVER_FLOOR_DB` over the clip's noise floor (the
+    10th percentile of the frames above `SILENCE_DB`; at most half way from the floor to the loudest frame),
+    or, in a clip whose loudness hardly varies, whenever they are not silence. Quiet runs shorter than
+    `min_pause` seconds are inside speech (between words); each speech run gets `pad` seconds either side.
+    Runs closer than `max_gap` seconds are one piece while it stays within `max_seconds`; longer silences
+    are left out (a clip with no speech at all gives no pieces). A piece still longer than `max_seconds` is
+    cut at the quietest 10 ms in the second half of each `max_seconds` (the middle of the quietest stretch),
+    so a word is cut only where no pause is near. Every speech frame lies in exactly one piece.
+    """
+    x = torch.as_tensor(wave, dtype=torch.float32).flatten()
+    n = x.shape[0]
+    if n == 0:
+        return []
+    hop, limit = PAUSE_HOP, int(max_seconds * SAMPLE_RATE)
+    if limit < hop:
+        raise ValueError(f"split_at_pauses: max_seconds must be at least {hop / SAMPLE_RATE} s, got {max_seconds}")
+    m = -(-n // hop)
+    frames = torch.nn.functional.pad(x, (0, m * hop - n)).view(m, hop)  # [frames, 160]
+    energy = frames.double().square().mean(1)
+    db = (10 * torch.log10(energy + 1e-30)).numpy()  # [frames] dBFS
+    audible = db > SILENCE_DB
+    if not audible.any():
+        return []
+    floor, peak = float(np.percentile(db[audible], 10)), float(db.max())
+    if peak - floor < MIN_RANGE_DB:
+        speech = audible
+    else:
+        speech = db > floor + min(SPEECH_OVER_FLOOR_DB, (peak - floor) / 2)
+    runs = _runs(speech)  # [(first, end)] frames of speech
+    closed = []  # quiet runs shorter than min_pause joined into the speech around them
+    for a, b in runs:
+        if closed and a - closed[-1][1] < min_pause * SAMPLE_RATE / hop:
+            closed[-1] = (closed[-1][0], b)
+        else:
+            closed.append((a, b))
+    p = int(pad * SAMPLE_RATE)
+    regions = [(max(0, a * hop - p), min(n, b * hop + p)) for a, b in closed]  # samples
+    pieces: list[list[int]] = []
+    for a, b in regions:
+        if pieces and (a <= pieces[-1][1] or (a - pieces[-1][1] <= max_gap * SAMPLE_RATE and b - pieces[-1][0] <= limit)):
+            pieces[-1][1] = max(pieces[-1][1], b)
+        else:
+            pieces.append([a, b])
+    smooth = torch.nn.functional.avg_pool1d(torch.from_numpy(db)[None, None], 5, 1, 2, count_include_pad=False)[0, 0].numpy()
+    out = []
+    for a, b in pieces:
+        while b - a > limit:
+            cut = _quietest(smooth, (a + limit // 2) // hop + 1, (a + limit) // hop) * hop  # a frame boundary in (a + limit/2, a + limit]
+            out.append((a, cut))
+            a = cut
+        out.append((a, b))
+    return out
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first, end) of each run of True in a 1-D mask."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def _quietest(db: np.ndarray, lo: int, hi: int) -> int:
+    """The frame in [lo, hi] to cut before: the middle of the quietest stretch (within 1 dB of the minimum) there."""
+    hi = min(hi, len(db) - 1)
+    lo = min(lo, hi)
+    span = db[lo : hi + 1]
+    quiet = _runs(span <= span.min() + 1.0)
+    a, b = max(quiet, key=lambda r: (r[1] - r[0], r[0]))  # the longest such stretch; the latest of equals
+    return lo + (a + b) // 2

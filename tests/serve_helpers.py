@@ -10,6 +10,7 @@ import random
 import socket
 import time
 
+import numpy as np
 import soundfile as sf
 from conftest import http, speechlike
 from PIL import Image, ImageDraw
@@ -136,3 +137,80 @@ class PeakRSS:
     def __exit__(self, *exc):
         self.growth = _status(self.pid, "VmHWM") - self.start
         return False
+
+
+# -- form uploads (the audio endpoints) ------------------------------------------------------------------------------
+def form(fields, file: tuple[str, bytes, str] | None = None, boundary: str = "qva-test-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type: `fields` as (name, value) pairs (or a dict), then `file`
+    (filename, bytes, content type) as the part named "file"."""
+    items = list(fields.items()) if isinstance(fields, dict) else list(fields)
+    out = b""
+    for name, value in items:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + str(value).encode() + b"\r\n"
+    if file is not None:
+        name, data, ctype = file
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: {ctype}\r\n\r\n'
+                .encode() + data + b"\r\n")
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_form(srv, path: str, body: bytes, content_type: str, key: str | None = None, timeout: float = 120) -> tuple[int, bytes]:
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
+    return http(srv.base + path, body, headers, timeout=timeout)
+
+
+def wav_bytes(wave, rate: int = 16000, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(wave, dtype=np.float32), rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def digits_clip(shared_digits, seconds: float = 95.0):
+    """Three spoken-digit clips of ../shared/data/spoken-digits in `seconds` of silence and noise: (16 kHz float32
+    waveform, [(onset, offset) seconds of each clip's speech (|x| > 0.02)]). Noise (white, -45 dBFS) covers 9–30 s,
+    35–60 s (under the second clip) and 70–95 s (under the third); the rest is digital silence."""
+    import qva
+
+    lines = [json.loads(x) for x in (shared_digits / "dev.jsonl").read_text().splitlines()[1:4]]
+    rate = 16000
+    wave = np.zeros(int(seconds * rate), np.float32)
+    g = np.random.default_rng(0)
+    for a, b in ((9, 30), (35, 60), (70, 95)):
+        wave[a * rate : b * rate] += (10 ** (-45 / 20) * g.standard_normal((b - a) * rate)).astype(np.float32)
+    spans = []
+    for at, line in zip((6.0, 40.0, 80.0), lines):
+        clip = qva.load_audio(shared_digits / line["audio"]).numpy()
+        start = int(at * rate)
+        wave[start : start + len(clip)] += clip
+        loud = np.flatnonzero(np.abs(clip) > 0.02)
+        spans.append((at + loud[0] / rate, at + loud[-1] / rate))
+    return wave, spans
+
+
+def bursts(spans: list[tuple[float, float]], seconds: float, seed: int = 0):
+    """`seconds` of digital silence with speech-like sound (`speechlike`) over each (start, end) span in seconds."""
+    rate = 16000
+    wave = np.zeros(int(seconds * rate), np.float32)
+    for i, (a, b) in enumerate(spans):
+        wave[int(a * rate) : int(b * rate)] = speechlike(b - a, seed + i).numpy()[: int(b * rate) - int(a * rate)]
+    return wave
+
+
+def long_context_graft(root, demo_dirs, context: int = 16384, pool: int = 8):
+    """A saved graft of the demo checkpoints with a `context`-token window and `audio_pool` `pool` (the demo's own
+    4096 tokens hold 81 s of audio at 50 tokens a second): long clips fit whole, for the long-audio tests."""
+    import shutil
+
+    import torch
+
+    import qva
+
+    qwen, whisper = demo_dirs
+    wide = root / "qwen-wide"
+    shutil.copytree(qwen, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["max_position_embeddings"] = context
+    (wide / "config.json").write_text(json.dumps(cfg))
+    (wide / ".qva.json").unlink(missing_ok=True)  # the copy is a plain checkpoint folder, not the writer's
+    model = qva.load(wide, whisper=whisper, audio_pool=pool, dtype=torch.float32)
+    return qva.save(model, root / "graft-wide")

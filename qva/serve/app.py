@@ -1,9 +1,12 @@
 """The HTTP side of `qva-serve`: OpenAI's Chat Completions API over FastAPI, answered by the scheduler.
 
-    POST /v1/chat/completions   streaming (server-sent events, `data: [DONE]`) or not
-    GET  /v1/models             the one served model
-    GET  /health                200 ready; 503 loading, failed, or the engine stuck
-    GET  /metrics               Prometheus text: requests, tokens, queue, time to first token, tokens/s
+    POST /v1/chat/completions     streaming (server-sent events, `data: [DONE]`) or not
+    POST /v1/audio/transcriptions OpenAI's form upload → text, json, verbose_json, srt, vtt, or streamed events
+    POST /v1/audio/translations   the same, asking for English (`transcribe.py`)
+    GET  /v1/models               the one served model
+    GET  /                        the playground page (`static/playground.html`), answered without the key
+    GET  /health                  200 ready; 503 loading, failed, or the engine stuck (`metrics.py`)
+    GET  /metrics                 Prometheus text: requests, tokens, media, queue, time to first token, tokens/s
 
 A body is read against a size limit (Content-Length first, then counted) and a deadline; it is parsed
 and its media decoded within the request's budget (`protocol.py`, `media.py`), turned into model inputs
@@ -14,7 +17,7 @@ strings are matched here: a match cancels the job, which frees its row before th
 a client disconnecting does (noticed at once, whether it streams or not, and even before its job is
 submitted).
 
-`Gate` wraps the app: the API key (every route but /health and /metrics), and the count of every answer
+`Gate` wraps the app: the API key (every route but /, /health and /metrics), and the count of every answer
 by route and status, 5xx included. On shutdown (`Server.drain`) new requests get 503 and running ones
 are cut at the grace period's end with `finish_reason` "length", so every stream ends cleanly.
 """
@@ -29,22 +32,27 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..audio import AudioError, clip_tokens
 from ..generate import TextStream, eos_ids
 from ..image_processing import ImageError
+from . import transcribe
 from .media import MediaLimits
+from .metrics import CLIENT_GONE, Counters, liveness, prometheus
+from .multipart import parse_form
 from .protocol import APIError, ChatRequest, Limits, bad, chunk, completion, parse_chat_request, usage_chunk
 from .scheduler import Job, QueueFull, Scheduler
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/docs", "/redoc", "/openapi.json")
-OPEN_ROUTES = ("/health", "/metrics")  # answered without the API key
-CLIENT_GONE = 499  # the status recorded for a request whose client left before its answer (nothing is sent)
+AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+ROUTES = ("/v1/chat/completions", *AUDIO_ROUTES, "/v1/models", "/", "/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+OPEN_ROUTES = ("/", "/health", "/metrics")  # answered without the API key (the page's own requests carry it)
+PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
 @dataclass
@@ -65,6 +73,9 @@ class Settings:
     max_connections: int = 512  # open HTTP connections (`connections.py`)
     shutdown_timeout: float = 10.0  # grace for running requests after SIGTERM/SIGINT
     stuck_after: float = 120.0  # seconds with work and no progress before /health says 503
+    transcribe_prompt: str = transcribe.DEFAULT_TRANSCRIBE_PROMPT  # what the audio endpoints ask (the trained prompt, if known)
+    translate_prompt: str = transcribe.DEFAULT_TRANSLATE_PROMPT
+    transcribe_max_tokens: int = 448  # tokens per ≤ 30 s window (Whisper's decoder holds 448)
 
 
 @dataclass
@@ -78,8 +89,7 @@ class Server:
     max_len: int = 0
     load_error: str | None = None
     started: float = field(default_factory=time.time)
-    requests: dict = field(default_factory=dict)  # HTTP status → chat requests answered
-    answers: dict = field(default_factory=dict)  # (route, HTTP status) → answers, every route
+    counters: Counters = field(default_factory=lambda: Counters(ROUTES))  # what /metrics reports from the HTTP side
     draining: bool = False  # shutting down: no new requests
 
     def attach(self, model) -> None:
@@ -120,19 +130,10 @@ class Server:
             self.scheduler.drain(timeout)
 
     def count(self, path: str, status: int) -> None:
-        route = path if path in ROUTES else "other"
-        self.answers[route, status] = self.answers.get((route, status), 0) + 1
-        if route == "/v1/chat/completions":
-            self.requests[status] = self.requests.get(status, 0) + 1
+        self.counters.answer(path, status)
 
     def health(self) -> tuple[int, dict]:
-        if self.load_error:
-            return 503, {"status": "failed", "error": self.load_error}
-        if self.scheduler is None:
-            return 503, {"status": "loading"}
-        if self.scheduler.stuck(self.settings.stuck_after):
-            return 503, {"status": "stuck", "error": repr(self.scheduler.error) if self.scheduler.error else "no progress"}
-        return 200, {"status": "ok"}
+        return liveness(self.load_error, self.scheduler, self.settings.stuck_after)
 
     # -- a request's life -------------------------------------------------------------------------------
     def prepare(self, req: ChatRequest) -> tuple[dict, int]:
@@ -262,6 +263,22 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes | Non
             return b"".join(chunks)
 
 
+async def until_gone(request: Request, gone) -> None:
+    """Call `gone()` when the client leaves (once its body is read, the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone()
+
+
+def playground_page(server: Server) -> str:
+    """The playground with what it needs to know filled in (its `QVA_CONFIG` object): the model's name, whether a
+    key is needed, the sampling defaults, whether the model hears."""
+    s, defaults = server.settings, server.limits.defaults if server.limits else {}
+    config = {"model": s.model_name, "keyRequired": s.api_key is not None, "defaults": defaults,
+              "hears": bool(server.model is not None and server.model.audio_encoder is not None)}
+    return PLAYGROUND.read_text().replace("{} /*QVA_CONFIG*/", json.dumps(config).replace("</", "<\\/"), 1)
+
+
 async def until_disconnect(request: Request, queue: asyncio.Queue) -> None:
     """Wait for the client to leave (once its body is read, the next ASGI message is the disconnect), then
     tell the request's event loop ("gone")."""
@@ -312,7 +329,58 @@ def create_app(server: Server, loader=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus(server), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(server.counters, server.scheduler), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(playground_page(server), headers={"Cache-Control": "no-cache"})
+
+    async def audio_endpoint(request: Request, task: str):
+        ready()
+        raw = await read_body(request, s.max_body_bytes, s.read_timeout)
+        if raw is None:
+            return Response(status_code=CLIENT_GONE)
+        if server.model.audio_encoder is None:
+            raise bad("this model has no audio encoder, so it cannot transcribe (serve a graft: --whisper PATH, or a trained "
+                      "qva folder)", "model", "model_cannot_hear")
+        parts = await run_in_threadpool(parse_form, raw, request.headers.get("content-type"))
+        del raw
+        req = transcribe.parse_audio_request(parts, task, s.model_name)
+        del parts
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(until_gone(request, gone.set))
+        windows = None
+        try:
+            windows, duration = await transcribe.run(server, req, gone.is_set)
+            if gone.is_set():
+                return Response(status_code=CLIENT_GONE)
+            if req.stream:  # Starlette watches a streaming client itself, and cancels the stream when it leaves
+                watcher.cancel()
+                events, windows = transcribe.stream_events(windows), None  # the stream closes its windows
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            watcher.add_done_callback(lambda _: windows.abandon())
+            finished = 0
+            async for kind, _ in windows.events():
+                finished += kind == "window"
+            if finished < len(windows.windows):  # the client went away
+                return Response(status_code=CLIENT_GONE)
+            body, media_type = transcribe.answer(req, windows, duration)
+            if isinstance(body, str):
+                return Response(body, media_type=media_type)
+            return JSONResponse(body)
+        finally:
+            watcher.cancel()
+            if windows is not None:
+                windows.close()
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await audio_endpoint(request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await audio_endpoint(request, "translate")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -331,6 +399,7 @@ def create_app(server: Server, loader=None) -> FastAPI:
             inputs, budget = await run_in_threadpool(server.prepare, req)
             if watcher.done():  # the client left while its media were decoded: nothing is submitted
                 return Response(status_code=CLIENT_GONE)
+            server.counters.admitted(req.messages)
             job = Job(inputs, budget, set(eos_ids(None)), lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
                       do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_k=req.top_k,
                       top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
@@ -379,36 +448,3 @@ async def sse(server: Server, req: ChatRequest, job: Job, queue: asyncio.Queue):
     if req.include_usage:
         yield event(usage_chunk(req, name, job.prompt_tokens, job.produced))
     yield "data: [DONE]\n\n"
-
-
-def prometheus(server: Server) -> str:
-    """The /metrics page, in Prometheus' text format."""
-    lines = []
-
-    def metric(name, kind, help, samples):
-        lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    metric("qva_requests_total", "counter", "Chat completion requests answered, by HTTP status.",
-           [(f'{{status="{k}"}}', v) for k, v in sorted(server.requests.items())] or [('{status="200"}', 0)])
-    metric("qva_http_requests_total", "counter", f"HTTP answers by route and status ({CLIENT_GONE}: the client left first).",
-           [(f'{{route="{r}",status="{k}"}}', v) for (r, k), v in sorted(server.answers.items())]
-           or [('{route="/v1/chat/completions",status="200"}', 0)])
-    sched = server.scheduler
-    if sched is not None:
-        st = sched.stats
-        metric("qva_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
-        metric("qva_generation_tokens_total", "counter", "Tokens generated.", [("", st.generation_tokens)])
-        metric("qva_queue_depth", "gauge", "Requests waiting for an engine row.", [("", len(sched.waiting))])
-        metric("qva_running_requests", "gauge", "Requests holding an engine row.", [("", len(sched.active))])
-        cumulative, samples = 0, []
-        for edge, count in zip(list(st.TTFT_BUCKETS) + ["+Inf"], st.ttft_counts):
-            cumulative += count
-            samples.append((f'_bucket{{le="{edge}"}}', cumulative))
-        samples += [("_sum", round(st.ttft_sum, 6)), ("_count", cumulative)]
-        lines.extend(["# HELP qva_time_to_first_token_seconds Submission to first token.",
-                      "# TYPE qva_time_to_first_token_seconds histogram"])
-        lines.extend(f"qva_time_to_first_token_seconds{suffix} {v}" for suffix, v in samples)
-        metric("qva_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
-               [("", round(st.tokens_per_second(), 3))])
-    return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""`qva-serve`: serve a qva model with OpenAI's Chat Completions API (needs `pip install "qva[serve]"`).
+"""`qva-serve`: serve a qva model with OpenAI's Chat Completions and audio transcription APIs, and a playground
+page at / (needs `pip install "qva[serve]"`).
 
     qva-serve --model Qwen2-VL-2B-Instruct --whisper whisper-large-v3-turbo --max-batch 8
     qva-serve --demo                      # the tiny random-weight demo model (no downloads)
@@ -47,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--read-timeout", type=float, default=30.0, help="seconds for a request's headers to arrive, and for its body")
     limits.add_argument("--max-connections", type=int, default=512, help="open HTTP connections (server-wide)")
     limits.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get after SIGTERM/SIGINT")
+    speech = p.add_argument_group("speech to text (/v1/audio/transcriptions, /v1/audio/translations)")
+    speech.add_argument("--transcribe-prompt", help="the instruction a transcription asks (default: the prompt a qva-train run "
+                        "folder was trained with, from its train_config.json; else 'Transcribe the audio.')")
+    speech.add_argument("--translate-prompt", default=None, help="the instruction a translation asks (default: 'Translate the audio "
+                        "into English.')")
+    speech.add_argument("--transcribe-max-tokens", type=int, default=448, help="tokens generated per ≤ 30 s window at most")
     p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -58,9 +65,10 @@ def settings_and_loader(args):
     """Check the arguments (one-line errors) and return the server settings and a model loader."""
     import torch
 
-    from ..cli import DTYPES as TORCH_DTYPES
-    from ..cli import UserError
+    from ..cli_common import DTYPES as TORCH_DTYPES
+    from ..cli_common import UserError
     from .app import Settings
+    from .transcribe import DEFAULT_TRANSCRIBE_PROMPT, DEFAULT_TRANSLATE_PROMPT, trained_prompt
 
     if args.demo:
         from ..demo import demo_checkpoints
@@ -71,7 +79,7 @@ def settings_and_loader(args):
         raise UserError("--model is required (or use --demo)")
     if not args.model.is_dir():
         raise UserError(f"{args.model}: no such model folder")
-    for name in ("max_batch", "max_queue", "limit_media", "max_body_bytes", "max_media_pixels", "max_connections"):
+    for name in ("max_batch", "max_queue", "limit_media", "max_body_bytes", "max_media_pixels", "max_connections", "transcribe_max_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     for name in ("max_audio_seconds", "fetch_timeout", "read_timeout", "shutdown_timeout"):
@@ -79,6 +87,9 @@ def settings_and_loader(args):
             raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key (or $QVA_API_KEY) is empty, which no client could match; give a key, or leave it unset to serve without one")
+    for name in ("transcribe_prompt", "translate_prompt"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise UserError(f"--{name.replace('_', '-')} is empty; give the instruction, or leave it out for the default")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be ≥ 2, got {args.max_model_len}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,14 +99,17 @@ def settings_and_loader(args):
                         model_name=args.served_model_name or args.model.resolve().name, compile=args.compile,
                         max_body_bytes=args.max_body_bytes, max_media_pixels=args.max_media_pixels,
                         max_audio_seconds=args.max_audio_seconds, fetch_timeout=args.fetch_timeout, read_timeout=args.read_timeout,
-                        max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout)
+                        max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout,
+                        transcribe_prompt=args.transcribe_prompt or trained_prompt(args.model, args.adapter) or DEFAULT_TRANSCRIBE_PROMPT,
+                        translate_prompt=args.translate_prompt or DEFAULT_TRANSLATE_PROMPT, transcribe_max_tokens=args.transcribe_max_tokens)
 
     def loader():
         from ..pretrained import load
 
         model = load(args.model, whisper=args.whisper, adapter=args.adapter, dtype=TORCH_DTYPES.get(args.dtype), device=args.device,
                      quantize=args.quantize, quantize_modules=tuple(args.quantize_modules.split(",")), group_size=args.group_size)
-        print(f"qva-serve: {settings.model_name} loaded; serving on http://{args.host}:{args.port}/v1", flush=True)
+        print(f"qva-serve: {settings.model_name} loaded; serving on http://{args.host}:{args.port}/v1 (playground: "
+              f"http://{args.host}:{args.port}/); transcriptions ask {settings.transcribe_prompt!r}", flush=True)
         return model
 
     return settings, loader
@@ -110,7 +124,7 @@ def main(argv=None) -> int:
         return 2
     from PIL import ImageFile
 
-    from ..cli import UserError
+    from ..cli_common import UserError
     from .app import Server, create_app
     from .connections import protocol
 

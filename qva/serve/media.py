@@ -10,7 +10,8 @@
                       cap, so a header that lies cannot make the server read more than the budget
 
 Budgets are per request (`MediaLimits`, the server's options); a probe returns the function that decodes
-its part, so nothing is decoded until the whole request is known to fit. Every problem is an `APIError`
+its part, so nothing is decoded until the whole request is known to fit. An uploaded audio file (the
+transcription endpoints) goes through the same probe (`probe_audio_bytes`), its format found from its bytes. Every problem is an `APIError`
 (a 4xx naming the field), whatever the decoder raised.
 """
 
@@ -29,7 +30,8 @@ from ..audio import SAMPLE_RATE, AudioError, decode_file, load_audio
 from . import fetch as remote
 from .errors import bad
 
-AUDIO_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC"}
+AUDIO_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC"}  # chat's `input_audio.format`
+READABLE_AUDIO = "wav, flac, mp3, ogg (vorbis, opus)"  # what libsndfile finds from the bytes alone (an upload has no format field)
 AUDIO_RATES = (1_000, 384_000)  # Hz: the sample rates audio may have (a header saying 1 Hz is a broken or hostile file)
 UNKNOWN_LENGTH = 1 << 62  # libsndfile's frame count for a stream whose header does not say its length
 
@@ -223,41 +225,47 @@ def _png_rows_complete(raw: bytes) -> bool:
 def probe_audio(spec: dict, where: str, budget: Budget) -> Callable[[], object]:
     """`{"data": base64, "format": "wav"|"mp3"|"flac"}`: rate and length from the header, checked and charged;
     returns what decodes it to a 16 kHz mono float32 waveform."""
-    import soundfile as sf
-
     fmt = spec.get("format")
     if not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS:
         raise bad(f"{where}.format must be one of {sorted(AUDIO_FORMATS)}, got {str(fmt)[:40]!r}", f"{where}.format",
                   "unsupported_audio_format")
-    fmt = fmt.lower()
     raw = b64(spec.get("data"), f"{where}.data")
     budget.charge_bytes(len(raw), f"{where}.data")
+    return probe_audio_bytes(raw, where, f"{where}.data", budget, fmt.lower())
+
+
+def probe_audio_bytes(raw: bytes, where: str, param: str, budget: Budget, fmt: str | None = None) -> Callable[[], object]:
+    """An audio file's bytes (any format libsndfile reads, told by `fmt` or found from the bytes): rate and
+    length from the header, checked and charged to `budget`; returns what decodes it (16 kHz mono float32).
+    Refusals name `where` and carry `param`."""
+    import soundfile as sf
+
     try:
         info = sf.info(io.BytesIO(raw))  # the header: nothing decoded
     except Exception as e:  # libsndfile reports every unreadable stream the same way
-        raise bad(f"{where}: cannot decode the audio as {fmt} ({type(e).__name__})", f"{where}.data", "invalid_audio") from None
+        what = f"as {fmt}" if fmt else f"(readable: {READABLE_AUDIO})"
+        raise bad(f"{where}: cannot decode the audio {what} ({type(e).__name__})", param, "invalid_audio") from None
     rate, frames = int(info.samplerate), int(info.frames)
     lo, hi = AUDIO_RATES
     if not lo <= rate <= hi:
-        raise bad(f"{where}: the audio's header says {rate} Hz, outside the {lo}–{hi} Hz this server decodes", f"{where}.data",
-                  "invalid_audio")
+        raise bad(f"{where}: the audio's header says {rate} Hz, outside the {lo}–{hi} Hz this server decodes", param, "invalid_audio")
     if frames >= UNKNOWN_LENGTH:
-        raise bad(f"{where}: the audio's header does not give its length; send a file written whole (not a stream)",
-                  f"{where}.data", "invalid_audio")
+        raise bad(f"{where}: the audio's header does not give its length; send a file written whole (not a stream)", param,
+                  "invalid_audio")
     budget.charge_audio(frames, rate, where)
-    return lambda: _read_audio(raw, fmt, rate, frames, where)
+    return lambda: _read_audio(raw, fmt or str(info.format).lower(), rate, frames, where, param)
 
 
-def _read_audio(raw: bytes, fmt: str, rate: int, frames: int, where: str):
+def _read_audio(raw: bytes, fmt: str, rate: int, frames: int, where: str, param: str):
     """Decode block by block, never past the `frames` the header claimed (and the budget was charged for)."""
     try:
         wave, _ = decode_file(io.BytesIO(raw), f"{where} ({fmt})", max_frames=frames)
     except AudioError as e:
-        raise bad(str(e), f"{where}.data", "invalid_audio") from None
+        raise bad(str(e), param, "invalid_audio") from None
     try:
         return load_audio(wave, rate)  # [samples] at 16 kHz; NaN/inf refused
     except AudioError as e:
-        raise bad(f"{where}: {e}", f"{where}.data", "invalid_audio") from None
+        raise bad(f"{where}: {e}", param, "invalid_audio") from None
 
 
 # -- one part, probed and decoded at once (the library's entry points; requests probe every part first) -------------

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 
 from .. import chat_template
 from .errors import APIError, bad
-from .media import (AUDIO_FORMATS, Budget, MediaLimits, decode_audio, decode_image, decode_video, probe_audio, probe_image, probe_video,
-                    url_bytes)
+from .media import AUDIO_FORMATS, Budget, MediaLimits, decode_audio, decode_image, decode_video, probe_audio, probe_image, probe_video, url_bytes
 
 __all__ = ["APIError", "bad", "ChatRequest", "Limits", "parse_chat_request", "AUDIO_FORMATS", "decode_audio", "decode_image",
            "decode_video", "completion", "chunk", "usage_chunk"]

@@ -85,10 +85,15 @@ class Scheduler:
 
     # -- called from the HTTP side ----------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue jobs together (all or none): the engine thread sees them at once, so they are prefilled into free
+        rows before the next decode step and decoded as one batch (a transcription's windows)."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
-            self.waiting.append(job)
+            self.waiting.extend(jobs)
             self.cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -185,6 +190,7 @@ class Scheduler:
             ids[row] = job.last
         logits = self.engine.decode(ids)  # [n, V]
         self.stats.tokens(len(self.active))
+        self.stats.decoded(len(self.active))
         for row, job in list(self.active.items()):
             self._next(row, job, logits[row : row + 1])
 

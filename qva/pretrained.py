@@ -17,6 +17,7 @@ the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from weights_loader.writer import atomic_folder, tensor_bytes, write_checkpoint_
 
 from .adapters import apply_adapter, base_of, graft_of, is_adapter_folder
 from .model import QVAModel
-from .processor import Processor
+from .processor import AUDIO_TOKENS, Processor
 from .quantize import Plan
 from .quantize import record as record_quantization
 from .qwen2vl_config import Qwen2VLConfig
@@ -229,9 +230,30 @@ def write_model_files(model: QVAModel, folder: Path, processor: Processor | None
     tied = model.config.tie_word_embeddings
     tensors = {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight") and ".lora_" not in n}
     files = processor.files() if processor is not None else {}
+    if processor is not None and model.config.audio is not None:
+        files = with_audio_tokens(files, processor)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     quantization = record_quantization(model)
     if quantization is not None:
         config["quantization_config"] = quantization
     write_checkpoint_files(folder, tensors, config, files, max_shard_bytes)
+
+
+def with_audio_tokens(files: dict[str, str], processor: Processor) -> dict[str, str]:
+    """A graft's `tokenizer_config.json` (kept from the source checkpoint) with the audio tokens in it: its
+    `added_tokens_decoder` overrides `tokenizer.json`'s added tokens in transformers (5.x, so in vLLM too), which
+    otherwise split `<|audio_pad|>` into text pieces. tokenizer.json, where qva added them, is authoritative."""
+    text = files.get("tokenizer_config.json")
+    if text is None:
+        return files
+    cfg = json.loads(text)
+    decoder = cfg.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for token in AUDIO_TOKENS:
+            decoder[str(processor.token_id(token))] = {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                                       "single_word": False, "special": True}
+    extra = cfg.get("additional_special_tokens")
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra + [t for t in AUDIO_TOKENS if t not in extra]
+    return {**files, "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False)}

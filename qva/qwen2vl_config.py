@@ -18,6 +18,9 @@ from .whisper_encoder import WhisperEncoderConfig
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 AUDIO_FRAMES = ("valid", "full")
 AUDIO_TOKEN_IDS = {"audio_start_token_id": 151657, "audio_end_token_id": 151658, "audio_token_id": 151659}
+# what a graft's config.json names as its architecture: the vLLM plugin (qva/vllm/) registers it; a plain Qwen2-VL
+# keeps Qwen2VLForConditionalGeneration, so stock engines still load it
+GRAFT_ARCHITECTURE = "QVAForConditionalGeneration"
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Qwen2VLConfig:
             out.pop(k, None)
         out.update({k: val for k, val in asdict(t).items() if k != "mrope_section"})
         out.update(
-            model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+            model_type="qwen2_vl", architectures=[GRAFT_ARCHITECTURE if self.audio is not None else "Qwen2VLForConditionalGeneration"],
             rope_scaling={"type": "mrope", "mrope_section": t.mrope_section},
             tie_word_embeddings=self.tie_word_embeddings, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,

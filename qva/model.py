@@ -39,6 +39,7 @@ FEW_ROWS = 16  # up to here a half-precision vocabulary product beats upcasting 
 
 
 IGNORE = -100  # label of a position that is not scored
+WINDOWS_AT_ONCE = 4  # 30 s Whisper windows encoded together (2 minutes of audio)
 
 
 @dataclass
@@ -102,13 +103,22 @@ class QVAModel(nn.Module):
         cfg = self.config
         if self.audio_encoder is None:
             raise ValueError("this model has no audio encoder: load it with qva.load(..., whisper=PATH) to use audio")
-        states = self.audio_encoder(input_features.to(self.audio_encoder.conv1.weight.device))  # [W, 1500, d_audio]
-        if cfg.audio_pool > 1:  # [W, ceil(1500 / pool), d_audio]
-            states = F.avg_pool1d(states.transpose(1, 2), cfg.audio_pool, cfg.audio_pool, ceil_mode=True).transpose(1, 2)
-        windows, per_window, d = states.shape
+        windows = input_features.shape[0]
         valid = audio_valid_frames.tolist() if audio_valid_frames is not None else [cfg.audio.input_frames] * windows
         if len(valid) != windows:
             raise ValueError(f"audio_valid_frames has {len(valid)} entries for {windows} input_features windows")
+        # a long clip is encoded WINDOWS_AT_ONCE windows at a time, keeping only their rows: the encoder's
+        # activations then do not grow with the clip's length
+        parts = [self._kept_rows(input_features[w:w + WINDOWS_AT_ONCE], valid[w:w + WINDOWS_AT_ONCE])
+                 for w in range(0, windows, WINDOWS_AT_ONCE)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # [Σ tokens, d_audio]
+
+    def _kept_rows(self, features: torch.Tensor, valid: list[int]) -> torch.Tensor:
+        cfg = self.config
+        states = self.audio_encoder(features.to(self.audio_encoder.conv1.weight.device))  # [W, 1500, d_audio]
+        if cfg.audio_pool > 1:  # [W, ceil(1500 / pool), d_audio]
+            states = F.avg_pool1d(states.transpose(1, 2), cfg.audio_pool, cfg.audio_pool, ceil_mode=True).transpose(1, 2)
+        windows, per_window, d = states.shape
         counts = [audio_token_count(v, cfg.audio_frames, cfg.audio_pool) for v in valid]
         index = torch.cat([w * per_window + torch.arange(n) for w, n in enumerate(counts)])  # built on the host
         return states.reshape(windows * per_window, d)[index.to(states.device)]  # [Σ tokens, d_audio]

@@ -166,3 +166,23 @@ def test_split_at_pauses_rules():
     long_word[22 * rate : 22 * rate + 800] *= 0.01  # a 50 ms dip inside a 70 s run, where the first cut may go: it goes there
     cuts = [b for a, b in split_at_pauses(long_word)][:-1]
     assert abs(cuts[0] / rate - 22.025) < 0.03, cuts
+
+
+def test_a_long_clip_is_encoded_a_few_windows_at_a_time(graft, waves):
+    """The encoder takes WINDOWS_AT_ONCE windows a call (its activations do not grow with the clip); the rows equal
+    one window at a time, and a clip of at most that many windows is one call, as before."""
+    from qva.model import WINDOWS_AT_ONCE
+
+    feats, valid = log_mel(waves["20 min"], graft.config.audio.num_mel_bins)
+    feats, valid = feats[:9], valid[:9]
+    calls = []
+    real = graft.audio_encoder.forward
+    graft.audio_encoder.forward = lambda x: calls.append(x.shape[0]) or real(x)
+    try:
+        with torch.no_grad():
+            rows = graft.audio_encoder_rows(feats, valid)
+            one_by_one = torch.cat([graft.audio_encoder_rows(feats[w:w + 1], valid[w:w + 1]) for w in range(9)])
+    finally:
+        del graft.audio_encoder.forward
+    assert calls[:3] == [WINDOWS_AT_ONCE, WINDOWS_AT_ONCE, 1] and calls[3:] == [1] * 9
+    assert rows.shape == one_by_one.shape and (rows - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max()

@@ -369,6 +369,22 @@ def http(url: str, body=None, headers: dict | None = None, method: str | None = 
         return e.code, e.read()
 
 
+@pytest.fixture(scope="session")
+def demo_fp32(demo_dirs):
+    """The demo graft loaded in this process in fp32: what a served demo model's answers are compared with."""
+    import qva
+
+    qwen, whisper = demo_dirs
+    return qva.load(qwen, whisper=whisper, dtype=torch.float32)
+
+
+def demo_server(demo_dirs, key: str, name: str, *extra: str) -> "ServeProcess":
+    """`qva-serve` on the demo graft in fp32, behind `key`, serving it as `name`."""
+    qwen, whisper = demo_dirs
+    return ServeProcess("--model", str(qwen), "--whisper", str(whisper), "--dtype", "fp32", "--api-key", key,
+                        "--served-model-name", name, *extra)
+
+
 class ServeProcess:
     """`qva-serve ARGS` on a free port, started and waited for (/health 200); `stop()` ends it."""
 

@@ -64,38 +64,32 @@ def request_head(path: str, length: int | None, extra: str = "") -> bytes:
     return (head + extra + "\r\n").encode()
 
 
-def read_answer(sock: socket.socket, deadline: float) -> bytes:
-    """Everything the server sends until it closes the connection (or `deadline`, monotonic, passes)."""
+def _receive(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """What the server sends until it closes the connection or `deadline` (monotonic) passes; and whether it closed."""
     out = b""
     while time.monotonic() < deadline:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             piece = sock.recv(65536)
         except TimeoutError:
-            break
+            return out, False
         except OSError:  # reset by the server
-            break
+            return out, True
         if not piece:
-            break
+            return out, True
         out += piece
-    return out
+    return out, False
+
+
+def read_answer(sock: socket.socket, deadline: float) -> bytes:
+    """Everything the server sends until it closes the connection (or `deadline`, monotonic, passes)."""
+    return _receive(sock, deadline)[0]
 
 
 def wait_closed(sock: socket.socket, deadline: float) -> bytes | None:
     """What the server sent before closing the connection, or None if it is still open at `deadline` (monotonic)."""
-    out = b""
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            piece = sock.recv(65536)
-        except TimeoutError:
-            return None
-        except OSError:  # reset by the server
-            return out
-        if not piece:
-            return out
-        out += piece
-    return None
+    out, closed = _receive(sock, deadline)
+    return out if closed else None
 
 
 def status_of(answer: bytes) -> int | None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import ServeProcess, http
+from conftest import ServeProcess, demo_server, http
 from PIL import Image
 from serve_helpers import audio_part, b64, image_part, metric, png, wav
 
@@ -28,9 +28,7 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def server(demo_dirs):
-    qwen, whisper = demo_dirs
-    srv = ServeProcess("--model", str(qwen), "--whisper", str(whisper), "--dtype", "fp32", "--max-batch", "4", "--max-model-len", "320",
-                       "--api-key", KEY, "--served-model-name", NAME, "--limit-media", "3")
+    srv = demo_server(demo_dirs, KEY, NAME, "--max-batch", "4", "--max-model-len", "320", "--limit-media", "3")
     yield srv
     srv.stop()
 
@@ -41,10 +39,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline(demo_dirs):
-    """The same model loaded in this process: what the server's answers are compared with."""
-    qwen, whisper = demo_dirs
-    return qva.load(qwen, whisper=whisper, dtype=torch.float32)
+def offline(demo_fp32):
+    return demo_fp32
 
 
 def offline_answer(model, messages: list[dict], max_tokens: int) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SHARED, ServeProcess, http, need_shared, speechlike
+from conftest import SHARED, ServeProcess, demo_server, http, need_shared, speechlike
 from serve_helpers import bursts, connect, digits_clip, form, metric, post_form, read_answer, until, wav, wav_bytes
 
 import qva
@@ -38,9 +38,7 @@ DIGITS = SHARED / "spoken-digits"
 
 @pytest.fixture(scope="module")
 def server(demo_dirs):
-    qwen, whisper = demo_dirs
-    srv = ServeProcess("--model", str(qwen), "--whisper", str(whisper), "--dtype", "fp32", "--max-batch", str(ROWS), "--api-key", KEY,
-                       "--served-model-name", NAME, "--transcribe-max-tokens", str(TOKENS))
+    srv = demo_server(demo_dirs, KEY, NAME, "--max-batch", str(ROWS), "--transcribe-max-tokens", str(TOKENS))
     yield srv
     srv.stop()
 
@@ -51,9 +49,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline(demo_dirs):
-    qwen, whisper = demo_dirs
-    return qva.load(qwen, whisper=whisper, dtype=torch.float32)
+def offline(demo_fp32):
+    return demo_fp32
 
 
 def offline_window(model, wave: torch.Tensor, instruction: str, prompt: str | None = None) -> str:

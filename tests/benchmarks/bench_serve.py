@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qwen2vl import cached_2b  # noqa: E402
-from common import ROOT, Timing, cpu_header  # noqa: E402
+from common import ROOT, Timing, cpu_header, run_threads  # noqa: E402
 
 import qva  # noqa: E402
 from qva.generate import eos_ids, generate_tokens  # noqa: E402
@@ -151,15 +151,10 @@ def served(port: int, model: str, requests: list, max_tokens: int, concurrency: 
             except Exception as e:  # reported by the caller
                 errors.append(e)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seconds = run_threads(client, concurrency)
     if errors:
         raise errors[0]
-    return time.perf_counter() - t0, answers
+    return seconds, answers
 
 
 def offline(model, requests: list, max_tokens: int) -> tuple[float, list[dict]]:

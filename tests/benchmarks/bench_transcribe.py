@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_header  # noqa: E402
+from common import cpu_header, run_threads  # noqa: E402
 
 import qva  # noqa: E402
 from qva.audio import SAMPLE_RATE, split_at_pauses  # noqa: E402
@@ -128,13 +128,7 @@ def served(port: int, name: str, clips: list[bytes], concurrency: int) -> tuple[
                 i = todo.pop(0)
             out[i] = upload(port, name, clips[i])
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, out
+    return run_threads(worker, concurrency), out
 
 
 def free_port() -> int:

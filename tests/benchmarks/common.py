@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def rows_json(rows) -> list[dict]:
 
     return [{"row": n, "transformers_s": float(t), "qva_s": float(q), "speedup": t / q,
              "transformers_spread": spread(t), "qva_spread": spread(q)} for n, t, q in rows]
+
+
+def run_threads(target, n: int) -> float:
+    """Run `target` in n threads at once; the wall seconds until the last one ends."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0

@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--vllm-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND ('auto': vLLM's default)")
+    p.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="vLLM's compute dtype (float32: what qva's products run in over bf16 weights on CPUs without native bf16)")
     p.add_argument("--port", type=int, default=8441)
     p.add_argument("--json", type=Path, default=Path("bench_results_vllm.json"))
     args = p.parse_args()
@@ -186,7 +188,7 @@ def main() -> None:
         "qva-serve": ([sys.executable, "-m", "qva.serve.cli", "--model", str(folder), "--dtype", "bf16", "--max-batch", "8",
                        "--max-model-len", str(MAX_LEN), "--served-model-name", "bench", "--port", str(args.port)], env, args.port),
         "vLLM-CPU": ([str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
-                      "bench", "--host", "127.0.0.1", "--port", str(args.port + 1), "--dtype", "bfloat16", "--enforce-eager",
+                      "bench", "--host", "127.0.0.1", "--port", str(args.port + 1), "--dtype", args.vllm_dtype, "--enforce-eager",
                       "--max-model-len", str(MAX_LEN), "--max-num-seqs", "8", "--max-num-batched-tokens", str(MAX_LEN),
                       "--chat-template", str(work / "chat_template.jinja"), "--chat-template-content-format", "openai",
                       "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0, "audio": 1})], vllm_env, args.port + 1),

@@ -77,11 +77,14 @@ def test_the_processor_places_a_token_for_every_window(graft, waves):
 
 
 def test_generate_encodes_every_window_and_uses_the_last(wide, waves):
-    seen = {}
-    hooks = [wide.audio_encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("windows", i[0].shape[0])),
-             wide.audio_projector.register_forward_hook(lambda m, i, o: seen.__setitem__("rows", i[0].shape[0]))]
+    seen = {}  # the encoder runs WINDOWS_AT_ONCE windows per call: its windows are summed over the calls of one clip
+    hooks = [
+        wide.audio_encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("windows", seen.get("windows", 0) + i[0].shape[0])),
+        wide.audio_projector.register_forward_hook(lambda m, i, o: seen.__setitem__("rows", i[0].shape[0])),
+    ]
     try:
         for name, w in waves.items():
+            seen.clear()
             inputs = wide.processor.apply_chat_template(ask(w), add_generation_prompt=True, tokenize=True)
             out = wide.generate(**inputs, max_new_tokens=1)
             assert out.shape[1] == inputs["input_ids"].shape[1] + 1
@@ -104,9 +107,20 @@ def test_chat_input_audio_is_prompted_whole(wide_dir, wide, waves):
         for name, w in waves.items():
             raw = wav_bytes(w.numpy())
             audio = metric(srv, 'qva_media_parts_total{kind="audio"}')
-            r = client.chat.completions.create(model="wide", max_tokens=2, temperature=0, messages=[{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": "wav"}},
-                {"type": "text", "text": "What is said?"}]}])
+            r = client.chat.completions.create(
+                model="wide",
+                max_tokens=2,
+                temperature=0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": "wav"}},
+                            {"type": "text", "text": "What is said?"},
+                        ],
+                    }
+                ],
+            )
             offline = wide.processor.apply_chat_template(ask(qva.load_audio(raw)), add_generation_prompt=True, tokenize=True)
             assert r.usage.prompt_tokens == offline["input_ids"].shape[1], name
             assert int((offline["input_ids"] == AUDIO_PAD).sum()) == clip_tokens(w.shape[0], "valid", 8), name
@@ -181,7 +195,7 @@ def test_a_long_clip_is_encoded_a_few_windows_at_a_time(graft, waves):
     try:
         with torch.no_grad():
             rows = graft.audio_encoder_rows(feats, valid)
-            one_by_one = torch.cat([graft.audio_encoder_rows(feats[w:w + 1], valid[w:w + 1]) for w in range(9)])
+            one_by_one = torch.cat([graft.audio_encoder_rows(feats[w : w + 1], valid[w : w + 1]) for w in range(9)])
     finally:
         del graft.audio_encoder.forward
     assert calls[:3] == [WINDOWS_AT_ONCE, WINDOWS_AT_ONCE, 1] and calls[3:] == [1] * 9

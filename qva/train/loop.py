@@ -72,12 +72,96 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     # the model, and exactly the stage's trainable set
     model = build_model(cfg, d.device)
     params = check_trainable(model, cfg)
-    log(f"stage {cfg.stage}: {cfg.model}" + (f" + {cfg.whisper}" if cfg.whisper else "") + (f", {d.world} processes" if d.world > 1 else "")
-        + "\n" + trainable_table(model))
-    processor = model.processor
+    log(
+        f"stage {cfg.stage}: {cfg.model}"
+        + (f" + {cfg.whisper}" if cfg.whisper else "")
+        + (f", {d.world} processes" if d.world > 1 else "")
+        + "\n"
+        + trainable_table(model)
+    )
     check_max_seq_len(cfg.max_seq_len, model.config.text.max_position_embeddings)
 
-    # data: encoded once; Whisper rows computed once (and cached) unless augmentation changes the audio
+    samples, dev = load_data(cfg, model, d, log)
+    model = D.wrap(model, d, cfg.fsdp)
+    params = dict(model.named_parameters()) if cfg.fsdp else params  # FSDP replaced them with sharded ones
+    params = {n: params[n] for n in check_trainable(model, cfg)}
+
+    # optimizer, schedule, length: a step is batch_size × grad_accum samples on each of the processes
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(samples) / per_step))
+    opt = make_optimizer(params, cfg)
+    state = resume(cfg, run, params, opt, d, log)
+    best = state.get("best")
+
+    model.train()
+    started, tokens_done = time.perf_counter(), 0
+    loss_value = float("nan")
+    for step in range(state["step"], total):
+        batches = step_batches(cfg, model, samples, state["samples_seen"], step, d)
+        factor = lr_factor(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        loss_value = accumulate(model, batches, d, scale=d.world if cfg.fsdp else 1)
+        if not math.isfinite(loss_value):
+            raise TrainError(
+                f"step {step + 1}: the loss is {loss_value}; stopped without saving "
+                f"(the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)"
+            )
+        if not cfg.fsdp:
+            D.sync_grads(list(params.values()), d)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if D.all_sum(float(not D.finite(params.values())), d):  # checked before anything is saved from it
+            raise TrainError(
+                f"step {step + 1}: the update made the trainable weights non-finite (loss {loss_value:.4g}); "
+                f"stopped without saving (the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)"
+            )
+        state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + per_step
+        tokens_done += sum(int(b["attention_mask"].sum()) for b in batches) * d.world
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            tok_s = tokens_done / (time.perf_counter() - started)
+            log.progress(done, total, loss_value, opt.param_groups[0]["lr"], tok_s, started)
+            if d.main:
+                log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
+        if dev and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
+            best = evaluate_and_keep_best(cfg, model, dev, done, best, state, params, opt, run, d, log)
+        stopping = D.all_sum(float(stop.signum is not None), d) > 0  # every rank stops after the same step
+        if cfg.save_every and done % cfg.save_every == 0 or done == total or stopping:
+            save_checkpoint(run / "checkpoints" / f"step-{done:08d}", params, opt, state, d)
+            if d.main:
+                prune(run, cfg.keep_last)
+        if stopping:
+            log.close()
+            raise Preempted(
+                f"stopped by {stop.name or 'a signal on another rank'} after step {done} of {total}; "
+                f"checkpoint {run / 'checkpoints' / f'step-{done:08d}'}",
+                stop.signum or 15,
+            )
+
+    # the output: the best checkpoint by dev score, or the last step, written by rank 0
+    if best is not None and cfg.keep_best and (run / "checkpoints" / "best").is_dir():
+        load_checkpoint(run / "checkpoints" / "best", params, None)
+        log(f"output: the best dev checkpoint (step {best['step']}, exact match {best['exact_match']:.1f}%)")
+    log.close()
+    if cfg.fsdp:  # the trained tensors gathered, the sharded model freed, then an unsharded copy on rank 0
+        trained = {n: D.full(p.detach()).cpu() for n, p in params.items()}
+        del model, opt, params
+        model = unsharded(cfg, trained) if d.main else None
+    if d.main:
+        graft = {"whisper": cfg.whisper, "audio_frames": cfg.audio_frames, "audio_pool": cfg.audio_pool} if cfg.whisper else None
+        write_output(model, cfg, run, graft)
+    D.barrier(d)
+    return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
+
+
+# -- the parts of a run, in the order `_train` calls them ----------------------------------------------------------------
+def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], list[Sample]]:
+    """Training and dev samples, encoded once (bad ones skipped and named); Whisper rows computed once (and
+    cached) unless augmentation changes the audio."""
+    processor = model.processor
     examples, bad = read_data(cfg.train_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
     samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
     if bad:
@@ -99,16 +183,11 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
         D.barrier(d)
         if not d.main:
             fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)
-    model = D.wrap(model, d, cfg.fsdp)
-    params = dict(model.named_parameters()) if cfg.fsdp else params  # FSDP replaced them with sharded ones
-    params = {n: params[n] for n in check_trainable(model, cfg)}
+    return samples, dev
 
-    # optimizer, schedule, length: a step is batch_size × grad_accum samples on each of the processes
-    per_step = cfg.batch_size * cfg.grad_accum * d.world
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(samples) / per_step))
-    opt = make_optimizer(params, cfg)
 
-    # resume
+def resume(cfg: TrainConfig, run: Path, params: dict, opt, d: D.Dist, log) -> dict:
+    """The run's position: step 0, or (with `resume`) the last intact checkpoint's, its weights and optimizer loaded."""
     state = {"step": 0, "samples_seen": 0, "best": None}
     if cfg.resume:
         last = latest_intact(run, log)
@@ -117,84 +196,47 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
             log(f"resumed from {last} (step {state['step']})")
         else:
             log(f"--resume: no intact checkpoint in {run / 'checkpoints'}; starting from step 0")
-    best = state.get("best")
+    return state
 
-    model.train()
-    started, tokens_done = time.perf_counter(), 0
-    loss_value = float("nan")
-    for step in range(state["step"], total):
-        # the step's global batch: the next per_step samples of the seeded order; this rank's micro-batch m is
-        # the slice [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch
-        bucket = cfg.batch_size if cfg.bucket_by_length else None
-        micro = [[next_sample(samples, state["samples_seen"] + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed, bucket)
-                  for i in range(cfg.batch_size)] for m in range(cfg.grad_accum)]
-        if cfg.augment.on:
-            micro = [augmented(model, batch, cfg.augment, cfg.seed, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
-        batches = [to_device(collate(b, processor.pad_token_id), d.device) for b in micro]
-        factor = lr_factor(step, total, cfg)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        loss_value = accumulate(model, batches, d, scale=d.world if cfg.fsdp else 1)
-        if not math.isfinite(loss_value):
-            raise TrainError(f"step {step + 1}: the loss is {loss_value}; stopped without saving "
-                             f"(the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)")
-        if not cfg.fsdp:
-            D.sync_grads(list(params.values()), d)
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if D.all_sum(float(not D.finite(params.values())), d):  # checked before anything is saved from it
-            raise TrainError(f"step {step + 1}: the update made the trainable weights non-finite (loss {loss_value:.4g}); "
-                             f"stopped without saving (the last checkpoint in {run / 'checkpoints'} is intact; try a lower --lr)")
-        state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + per_step
-        tokens_done += sum(int(b["attention_mask"].sum()) for b in batches) * d.world
 
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            tok_s = tokens_done / (time.perf_counter() - started)
-            log.progress(done, total, loss_value, opt.param_groups[0]["lr"], tok_s, started)
-            if d.main:
-                log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
-        if dev and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
-            # every rank (sharded forwards need them all)
-            scores = run_eval(model, processor, dev, cfg.eval_batch_size, cfg.max_new_tokens, cfg.eval_limit, d.device)
-            log(f"eval @ {done}: loss {scores['eval_loss']:.4f}, exact match {scores['exact_match']:.1f}%, "
-                f"WER {scores['wer']:.1f}% (n={scores['n']})")
-            if d.main:
-                log.record(done, **scores)
-            if best is None or (scores["exact_match"], -scores["eval_loss"]) > (best["exact_match"], -best["eval_loss"]):
-                best = state["best"] = {"step": done, **scores}
-                if cfg.keep_best:
-                    save_checkpoint(run / "checkpoints" / "best", params, opt, state, d)
-        stopping = D.all_sum(float(stop.signum is not None), d) > 0  # every rank stops after the same step
-        if cfg.save_every and done % cfg.save_every == 0 or done == total or stopping:
-            save_checkpoint(run / "checkpoints" / f"step-{done:08d}", params, opt, state, d)
-            if d.main:
-                prune(run, cfg.keep_last)
-        if stopping:
-            log.close()
-            raise Preempted(f"stopped by {stop.name or 'a signal on another rank'} after step {done} of {total}; "
-                            f"checkpoint {run / 'checkpoints' / f'step-{done:08d}'}", stop.signum or 15)
+def step_batches(cfg: TrainConfig, model, samples: list[Sample], samples_seen: int, step: int, d: D.Dist) -> list[dict]:
+    """This process's micro-batches of one step, on its device. The step's global batch is the next
+    batch_size × grad_accum × world samples of the seeded order; micro-batch m of this rank is the slice
+    [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch."""
+    bucket = cfg.batch_size if cfg.bucket_by_length else None
+    micro = [
+        [next_sample(samples, samples_seen + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed, bucket) for i in range(cfg.batch_size)]
+        for m in range(cfg.grad_accum)
+    ]
+    if cfg.augment.on:
+        micro = [augmented(model, batch, cfg.augment, cfg.seed, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
+    return [to_device(collate(b, model.processor.pad_token_id), d.device) for b in micro]
 
-    # the output: the best checkpoint by dev score, or the last step
-    if best is not None and cfg.keep_best and (run / "checkpoints" / "best").is_dir():
-        load_checkpoint(run / "checkpoints" / "best", params, None)
-        log(f"output: the best dev checkpoint (step {best['step']}, exact match {best['exact_match']:.1f}%)")
-    log.close()
-    if cfg.fsdp:  # gather the trained tensors, then write them into an unsharded copy of the model
-        trained = {n: D.full(p.detach()).cpu() for n, p in params.items()}
-        del model, opt, params
-        if d.main:
-            model = build_model(cfg)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in trained:
-                        p.copy_(trained[n])
+
+def evaluate_and_keep_best(
+    cfg: TrainConfig, model, dev: list[Sample], done: int, best: dict | None, state: dict, params: dict, opt, run: Path, d: D.Dist, log
+) -> dict | None:
+    """Dev scores at step `done` (on every rank: sharded forwards need them all), logged and recorded; the best so
+    far by (exact match, -loss) is kept in `checkpoints/best/`. Returns the best."""
+    scores = run_eval(model, model.processor, dev, cfg.eval_batch_size, cfg.max_new_tokens, cfg.eval_limit, d.device)
+    log(f"eval @ {done}: loss {scores['eval_loss']:.4f}, exact match {scores['exact_match']:.1f}%, WER {scores['wer']:.1f}% (n={scores['n']})")
     if d.main:
-        graft = {"whisper": cfg.whisper, "audio_frames": cfg.audio_frames, "audio_pool": cfg.audio_pool} if cfg.whisper else None
-        write_output(model, cfg, run, graft)
-    D.barrier(d)
-    return {"steps": state["step"], "loss": loss_value, "best": best, "out": str(run)}
+        log.record(done, **scores)
+    if best is None or (scores["exact_match"], -scores["eval_loss"]) > (best["exact_match"], -best["eval_loss"]):
+        best = state["best"] = {"step": done, **scores}
+        if cfg.keep_best:
+            save_checkpoint(run / "checkpoints" / "best", params, opt, state, d)
+    return best
+
+
+def unsharded(cfg: TrainConfig, trained: dict[str, torch.Tensor]):
+    """A fresh, unsharded model holding the gathered trained tensors (what FSDP's rank 0 writes out)."""
+    model = build_model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in trained:
+                p.copy_(trained[n])
+    return model
 
 
 def accumulate(model, batches: list[dict], d: D.Dist = D.Dist(), scale: int = 1) -> float:
@@ -218,5 +260,3 @@ def next_sample(samples: list[Sample], index: int, seed: int, bucket: int | None
     be recomputed (resume)."""
     epoch, i = divmod(index, len(samples))
     return samples[epoch_order(samples, seed, epoch, bucket)[i]]
-
-

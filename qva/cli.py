@@ -48,18 +48,18 @@ def progress_bar(done: int, total: int) -> None:
 
 
 def video_frames(path: Path) -> list:
-    from PIL import Image, ImageSequence
+    """--video as the processor's videos: one list of RGB frames, from `image_processing.video_frames`."""
+    from .image_processing import ImageError
+    from .image_processing import video_frames as decode
 
-    if path.is_dir():
-        return [path]  # the processor reads a folder of frames itself
-    if not path.is_file():
+    if not (path.is_dir() or path.is_file()):
         raise UserError(f"{path}: no such video")
     try:
-        with Image.open(path) as im:
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-    except OSError:
+        return [decode(path)]
+    except ImageError:
+        if path.is_dir():  # a bad frame or an empty folder: the decoder's own message names it
+            raise
         raise UserError(f"{path}: cannot decode (give a folder of frames or an animated GIF/WebP; e.g. ffmpeg -i in.mp4 frames/%04d.png)") from None
-    return [frames]
 
 
 def demo_inputs(args) -> None:

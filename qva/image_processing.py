@@ -4,6 +4,9 @@ RGB (alpha composited onto white) → `smart_resize` to multiples of 28 within [
 → PIL bicubic → ×1/255 → CLIP mean/std → cut into 14×14 patches, two frames deep (an image is its own
 second frame; a video with an odd frame count repeats its last), emitted 2×2-merge-window-major:
 rows of 3·2·14·14 = 1176 values, `grid_thw` = (frames/2, h/14, w/14).
+
+`video_frames` is the one video decoder (a folder of frames, an animated GIF/WebP, an opened PIL image):
+`qva-generate`, the server (`qva.serve.media`) and `process_video` all read videos through it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from weights_loader import CheckpointError, Fields
 
@@ -179,16 +182,51 @@ def process_image(image, cfg: VisionPreprocessConfig, min_pixels: int | None = N
     return patchify(np.repeat(x[None], cfg.temporal_patch_size, axis=0), cfg)
 
 
-def video_frames(video) -> list:
-    """A video as a list of frames: a list/tuple of images, an array `[T, H, W, 3]`, or a folder of images."""
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the frames of a video folder
+
+
+def frame_count(im: Image.Image) -> int:
+    """Frames of an opened (not yet decoded) image from its headers alone: GIF counts by skipping through frame
+    headers, WebP and APNG read it; a still image is 1. ImageError (from Pillow's) when they cannot be read."""
+    try:
+        return int(getattr(im, "n_frames", 1))
+    except Exception as e:  # Pillow raises many kinds for a broken file
+        raise ImageError(f"cannot count the video's frames ({type(e).__name__}: {e})") from e
+
+
+def video_frames(source) -> list[Image.Image]:
+    """The one video decoder: a folder of frames (sorted by name), an animated GIF/WebP file (a still image is one
+    frame), or an opened PIL image → its RGB frames. Every problem is an ImageError; one Pillow raised while
+    decoding a file's frames is its `__cause__`."""
+    if isinstance(source, Image.Image):
+        try:
+            return [f.convert("RGB") for f in ImageSequence.Iterator(source)]
+        except Exception as e:  # Pillow raises many kinds for a truncated or broken file
+            raise ImageError(f"cannot decode the video frames ({type(e).__name__}: {e})") from e
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ImageError(f"{path}: no image frames (.png/.jpg/.jpeg/.webp/.bmp) in the folder")
+        return [to_rgb(p) for p in files]
+    if not path.is_file():
+        raise ImageError(f"{path}: no such video")
+    try:
+        with Image.open(path) as im:
+            return video_frames(im)
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from e.__cause__
+    except Exception as e:  # not an image Pillow reads (UnidentifiedImageError, DecompressionBombError, …)
+        raise ImageError(f"{path}: cannot decode as a video ({type(e).__name__}: {e})") from e
+
+
+def _video_input(video) -> list:
+    """`process_video`'s input as a list of frames: a list/tuple of images, an array `[T, H, W, 3]`, or a folder of images."""
     if isinstance(video, (str, os.PathLike)):
         folder = Path(video)
         if not folder.is_dir():
             raise ImageError(f"{folder}: videos are given as a folder of frames (or a list/array of frames)")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        if not files:
-            raise ImageError(f"{folder}: no image frames (.png/.jpg/.jpeg/.webp/.bmp) in the folder")
-        return files
+        return video_frames(folder)
     if isinstance(video, (np.ndarray, torch.Tensor)):
         if video.ndim != 4:
             raise ImageError(f"video array must be [T, H, W, C], got shape {list(video.shape)}")
@@ -201,7 +239,7 @@ def video_frames(video) -> list:
 
 def process_video(video, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
     """Frames → (rows `[T/2 · h/14 · w/14, 1176]`, grid [T/2, h/14, w/14]); odd T repeats the last frame."""
-    frames = [to_rgb(f, f"video frame {i}") for i, f in enumerate(video_frames(video))]
+    frames = [to_rgb(f, f"video frame {i}") for i, f in enumerate(_video_input(video))]
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise ImageError(f"video frames differ in size: {sorted(sizes)}")

@@ -3,7 +3,7 @@
 95 s (four windows, the last partial) and 20 min (forty full windows) of speech-like sound through: `qva.log_mel`
 (its windows), the processor (its placeholders), `generate` (what the encoder and the projector see), the chat
 endpoint's `input_audio` (its prompt), training samples (whole, or skipped naming the example and its length).
-The transcription endpoint's own long-audio tests are in test_serve_transcribe.py; `split_at_pauses`' rules are
+The transcription endpoint's own long-audio tests are in serve/test_transcribe.py; `split_at_pauses`' rules are
 checked here. The demo model's context (4096 tokens) holds 81 s of audio at 50 tokens a second, so generation and
 chat run on a copy with a 16 384-token context and `audio_pool=8` (`serve_helpers.long_context_graft`)."""
 

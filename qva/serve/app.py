@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -400,9 +400,8 @@ def create_app(server: Server, loader=None) -> FastAPI:
             if watcher.done():  # the client left while its media were decoded: nothing is submitted
                 return Response(status_code=CLIENT_GONE)
             server.counters.admitted(req.messages)
-            job = Job(inputs, budget, set(eos_ids(None)), lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
-                      do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_k=req.top_k,
-                      top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+            job = Job(inputs, replace(req.sampling, max_new_tokens=budget), set(eos_ids(None)),
+                      lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)))
             try:
                 server.scheduler.submit(job)
             except QueueFull as e:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..audio import SAMPLE_RATE, AudioError, decode_file, load_audio
+from ..image_processing import ImageError, frame_count, video_frames
 from . import fetch as remote
 from .errors import bad
 
@@ -165,21 +166,19 @@ def probe_video(spec: dict, where: str, allow_remote: bool, budget: Budget, fetc
     im = _open(raw, where, "invalid_video", 'cannot decode the video: send an animated GIF/WebP, or its frames as "frames": '
                "[image data URLs] (e.g. ffmpeg -i in.mp4 -vf fps=2 frames/%04d.png)")
     try:
-        n = int(getattr(im, "n_frames", 1))  # GIF counts by skipping through frame headers, WebP and APNG read it
-    except Exception as e:
-        raise bad(f"{where}: cannot decode the video frames ({type(e).__name__})", where, "invalid_video") from None
+        n = frame_count(im)  # from the headers alone
+    except ImageError as e:
+        raise bad(f"{where}: cannot decode the video frames ({type(e.__cause__).__name__})", where, "invalid_video") from None
     if n > lim.max_frames:
         raise bad(f"{where}: the video has {n} frames, over {lim.max_frames} (send sampled frames instead)", where, "invalid_video")
     w, h = im.size
     budget.charge_pixels(n * w * h, f"the video's {n} frames of {w}×{h}", where)
 
     def decode():
-        from PIL import ImageSequence
-
         try:
-            out = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-        except Exception as e:
-            raise bad(f"{where}: cannot decode the video frames ({type(e).__name__})", where, "invalid_video") from None
+            out = video_frames(im)
+        except ImageError as e:
+            raise bad(f"{where}: cannot decode the video frames ({type(e.__cause__).__name__})", where, "invalid_video") from None
         if len(out) > lim.max_frames:  # the count read first and the frames decoded cannot differ; kept as the rule's guard
             raise bad(f"{where}: the video has {len(out)} frames, over {lim.max_frames} (send sampled frames instead)", where,
                       "invalid_video")

@@ -25,10 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import chat_template
+from ..sampling import SamplingParams
 from .errors import APIError, bad
 from .media import AUDIO_FORMATS, Budget, MediaLimits, decode_audio, decode_image, decode_video, probe_audio, probe_image, probe_video, url_bytes
 
-__all__ = ["APIError", "bad", "ChatRequest", "Limits", "parse_chat_request", "AUDIO_FORMATS", "decode_audio", "decode_image",
+__all__ = ["APIError", "bad", "ChatRequest", "Limits", "parse_chat_request", "openai_sampling", "AUDIO_FORMATS", "decode_audio", "decode_image",
            "decode_video", "completion", "chunk", "usage_chunk"]
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -36,12 +37,8 @@ ROLES = {"system", "developer", "user", "assistant"}
 @dataclass
 class ChatRequest:
     messages: list[dict]  # qva / Hugging Face form: {"role", "content": str | [{"type": "text"|"image"|"video"|"audio", ...}]}
-    max_tokens: int | None
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    repetition_penalty: float
-    seed: int | None
+    max_tokens: int | None  # None: the rest of the server's context
+    sampling: SamplingParams  # max_new_tokens: replaced by the token budget (`Server.prepare`) when the job is made
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -120,8 +117,18 @@ def parse_chat_request(body, limits: Limits, fetch=None) -> ChatRequest:
     if not isinstance(include_usage, bool):
         raise bad("'stream_options.include_usage' must be true or false", "stream_options.include_usage", "invalid_type")
     messages, media = parse_messages(body.get("messages"), limits, fetch)
-    return ChatRequest(messages, max_tokens, float(temperature), float(top_p) if top_p is not None else None, top_k,
-                       float(repetition_penalty), seed, stop, stream, include_usage, media)
+    sampling = openai_sampling(temperature, top_p=float(top_p) if top_p is not None else None, top_k=top_k,
+                               repetition_penalty=float(repetition_penalty), seed=seed)
+    return ChatRequest(messages, max_tokens, sampling, stop, stream, include_usage, media)
+
+
+def openai_sampling(temperature: float, **kw) -> SamplingParams:
+    """OpenAI's sampling settings as `SamplingParams`: temperature 0 is greedy decoding. The caller has checked the
+    ranges; a value `SamplingParams` still refuses (a checkpoint's odd generation_config default) is a 400."""
+    try:
+        return SamplingParams(do_sample=temperature > 0, temperature=float(temperature) or 1.0, **kw)
+    except ValueError as e:
+        raise bad(str(e), None) from None
 
 
 def _response_format(fmt) -> None:

@@ -39,15 +39,9 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     inputs: dict  # the processor's tensors: input_ids [1, S], attention_mask, media
-    max_tokens: int
+    sampling: SamplingParams  # how its tokens are chosen; max_new_tokens is its token budget
     eos: set[int]
     emit: Callable[[str, object], None]
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
     logprobs: bool = False  # keep the sum of the chosen tokens' log-probabilities (transcription's avg_logprob)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -59,9 +53,8 @@ class Job:
     generator: torch.Generator | None = None
 
     @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_tokens, self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                              self.seed)
+    def max_tokens(self) -> int:
+        return self.sampling.max_new_tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -179,8 +172,7 @@ class Scheduler:
             self.stats.tokens(1)
             self.active[row] = job
             job.history = job.inputs["input_ids"].to(self.engine.device)
-            if job.seed is not None:
-                job.generator = torch.Generator(device=self.engine.device).manual_seed(job.seed)
+            job.generator = job.sampling.generator(self.engine.device)
             self._next(row, job, logits)
 
     def _step(self) -> None:
@@ -202,7 +194,7 @@ class Scheduler:
         job.last = token
         if job.logprobs:  # of the model's distribution, before temperature (Whisper's avg_logprob)
             job.logprob_sum += float(torch.log_softmax(logits[0].float(), -1)[token])
-        if job.repetition_penalty != 1.0:
+        if job.sampling.repetition_penalty != 1.0:
             job.history = torch.cat([job.history, job.history.new_tensor([[token]])], dim=1)
         if token in job.eos:
             return self._finish(row, "stop")

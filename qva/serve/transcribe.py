@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi.concurrency import run_in_threadpool
@@ -38,9 +38,11 @@ from .. import chat_template
 from ..audio import SAMPLE_RATE, AudioError, clip_tokens, split_at_pauses
 from ..generate import TextStream, eos_ids
 from ..image_processing import ImageError
+from ..sampling import SamplingParams
 from .errors import APIError, bad
 from .media import Budget, MediaLimits, probe_audio_bytes
 from .multipart import Part
+from .protocol import openai_sampling
 from .scheduler import Job, QueueFull
 
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -79,10 +81,15 @@ class AudioRequest:
     prompt: str | None
     language: str | None
     response_format: str
-    temperature: float
+    sampling: SamplingParams  # from `temperature` (0: greedy); max_new_tokens is set per window (`Windows.job`)
     stream: bool
     id: str = field(default_factory=lambda: "trsc-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def temperature(self) -> float:
+        """The request's temperature, as verbose_json reports it (0: greedy)."""
+        return self.sampling.temperature if self.sampling.do_sample else 0.0
 
 
 def _text_field(part: Part) -> str:
@@ -157,7 +164,7 @@ def parse_audio_request(parts: list[Part], task: str, model_name: str) -> AudioR
     if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
         raise bad(f"'language' must be an ISO-639-1 code such as 'en', got {language[:40]!r}", "language")
     prompt = text("prompt")
-    return AudioRequest(task, file.data, file.filename, prompt or None, language, fmt, temperature, stream == "true")
+    return AudioRequest(task, file.data, file.filename, prompt or None, language, fmt, openai_sampling(temperature), stream == "true")
 
 
 def decode_upload(req: AudioRequest, limits: MediaLimits):
@@ -226,8 +233,7 @@ class Windows:
 
     def job(self, i: int) -> Job:
         inputs, budget = self.ready.pop(i) if i in self.ready else self.prepare(i)
-        return Job(inputs, budget, set(eos_ids(None)), self._emitter(i), do_sample=self.req.temperature > 0,
-                   temperature=self.req.temperature or 1.0, logprobs=True)
+        return Job(inputs, replace(self.req.sampling, max_new_tokens=budget), set(eos_ids(None)), self._emitter(i), logprobs=True)
 
     async def _submit(self, i: int) -> int:
         """Windows i, i+1, … as many as rows (and the queue) have room for, submitted together; returns the next index."""

@@ -102,6 +102,11 @@ def render_segments(messages: list[dict], add_generation_prompt: bool = False, a
     return out
 
 
+def video_fps(messages: list[dict]) -> list[float | None]:
+    """Each video item's `fps` (None where it names none), in order of appearance."""
+    return [item.get("fps") for m in messages if not isinstance(m["content"], str) for item in m["content"] if media_type(item) == "video"]
+
+
 def media_items(messages: list[dict]) -> dict[str, list]:
     """The media objects referenced by the messages, per type, in order of appearance."""
     found: dict[str, list] = {k: [] for k in MEDIA}

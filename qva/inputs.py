@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features", "audio_valid_frames", "audio_rows")
-HOST = ("image_grid_thw", "video_grid_thw")  # read on the host: never moved to the device
+MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features", "audio_valid_frames", "audio_rows",
+         "second_per_grid_ts")
+HOST = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # read on the host: never moved to the device
 
 
 @dataclass(eq=False)
@@ -31,6 +32,7 @@ class ModelInputs(MutableMapping):
     input_features: torch.Tensor | None = None  # [windows, mels, 3000]: log-mel, 30 s windows
     audio_valid_frames: torch.Tensor | None = None  # [windows]: mel frames of real audio in each
     audio_rows: torch.Tensor | None = None  # [Σ audio tokens, d_audio]: encoder rows computed before (training's cache)
+    second_per_grid_ts: torch.Tensor | None = None  # [videos]: seconds per temporal patch (Qwen2.5-VL's video time positions)
     labels: torch.Tensor | None = None  # [B, S]: training targets, −100 where not scored
 
     @classmethod

@@ -30,6 +30,7 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .merge import merge_embeddings
 from .qwen2 import Qwen2Model, causal_padding_mask
+from .qwen2_5_vision import Qwen25VisionTransformer
 from .qwen2vl_config import Qwen2VLConfig
 from .rope_index import rope_index
 from .vision import VisionTransformer
@@ -62,7 +63,7 @@ class QVAModel(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
         self.config = cfg
-        self.visual = VisionTransformer(cfg.vision)
+        self.visual = Qwen25VisionTransformer(cfg.vision) if cfg.family == "qwen2_5_vl" else VisionTransformer(cfg.vision)
         self.model = Qwen2Model(cfg.text)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
@@ -181,13 +182,19 @@ class QVAModel(nn.Module):
                 raise ValueError(f"input_ids has {n} {kind} placeholder token(s) (id {token_id}) but {name} make {rows} {kind} rows")
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise ValueError(f"{name} has {int((~torch.isfinite(values)).sum())} NaN/inf value(s)")
+        seconds = i.second_per_grid_ts
+        if seconds is not None:
+            videos = 0 if i.video_grid_thw is None else i.video_grid_thw.shape[0]
+            if seconds.dim() != 1 or seconds.shape[0] != videos or not bool((torch.isfinite(seconds) & (seconds >= 0)).all()):
+                raise ValueError(f"second_per_grid_ts must be {videos} finite seconds ≥ 0 (one per video), got {seconds.tolist()}")
 
-    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
+    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
         cfg = self.config
         return rope_index(
             input_ids, attention_mask, image_grid_thw, video_grid_thw,
             image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
             spatial_merge_size=cfg.vision.spatial_merge_size,
+            second_per_grid_ts=second_per_grid_ts, tokens_per_second=cfg.vision.tokens_per_second,
         )
 
     def embed_inputs(self, *args, check: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +208,7 @@ class QVAModel(nn.Module):
         if i.input_features is not None or i.audio_rows is not None:
             features.append((self.config.audio_token_id, self.audio_features(i.input_features, i.audio_valid_frames, i.audio_rows)))
         embeds = merge_embeddings(i.input_ids, self.model.embed_tokens(i.input_ids), features)
-        position_ids, rope_deltas = self.position_ids(i.input_ids, i.attention_mask, i.image_grid_thw, i.video_grid_thw)
+        position_ids, rope_deltas = self.position_ids(i.input_ids, i.attention_mask, i.image_grid_thw, i.video_grid_thw, i.second_per_grid_ts)
         return embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device)
 
     def forward(
@@ -215,6 +222,7 @@ class QVAModel(nn.Module):
         input_features: torch.Tensor | None = None,
         audio_valid_frames: torch.Tensor | None = None,
         audio_rows: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
@@ -231,7 +239,7 @@ class QVAModel(nn.Module):
         """
         embeds, positions, rope_deltas = self.embed_inputs(
             ModelInputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                        input_features, audio_valid_frames, audio_rows), check=check,
+                        input_features, audio_valid_frames, audio_rows, second_per_grid_ts), check=check,
         )
         positions = positions if position_ids is None else position_ids
         if attention_mask is not None and bool(attention_mask.all()):

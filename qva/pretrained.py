@@ -32,7 +32,7 @@ from .model import QVAModel
 from .processor import AUDIO_TOKENS, Processor
 from .quantize import Plan
 from .quantize import record as record_quantization
-from .qwen2vl_config import Qwen2VLConfig
+from .qwen2vl_config import AUDIO_TOKEN_IDS, Qwen2VLConfig
 from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
@@ -89,7 +89,7 @@ def load(
         if cfg.audio is not None:
             raise CheckpointError(f"{path}: already has an audio encoder; load it without whisper= to use it")
         cfg = cfg.with_audio(WhisperEncoderConfig.from_pretrained(whisper), audio_frames, audio_pool)
-    processor = load_processor(path, cfg)
+    processor, cfg = load_processor(path, cfg, fresh_graft=whisper is not None)
     plan = Plan.for_load(cfg, path, quantize, quantize_modules, group_size)
 
     with on_meta():
@@ -113,17 +113,31 @@ def load(
     return model.eval()
 
 
-def load_processor(path: Path, cfg: Qwen2VLConfig) -> Processor | None:
-    """The folder's processor (None without a tokenizer), checked against the audio encoder's mel bins."""
+def load_processor(path: Path, cfg: Qwen2VLConfig, fresh_graft: bool = False) -> tuple[Processor | None, Qwen2VLConfig]:
+    """The folder's processor (None without a tokenizer), checked against the audio encoder's mel bins, and the
+    config. A fresh graft takes its audio token ids from the tokenizer, which adds the audio tokens after its
+    last entry (Qwen2-VL's tokenizer ends at 151656, Qwen2.5-VL's at 151664); a saved graft's are checked."""
     if not (path / "tokenizer.json").is_file():
-        return None
-    processor = Processor.from_pretrained(path, config=cfg)
+        return None, cfg
+    if fresh_graft:
+        from dataclasses import replace
+
+        processor = Processor.from_pretrained(path, config=replace(cfg, audio=None))
+        ids = {k: processor.token_id(t) for k, t in zip(AUDIO_TOKEN_IDS, AUDIO_TOKENS)}
+        for k, tid in ids.items():
+            if tid >= cfg.text.vocab_size:
+                raise CheckpointError(f"{path / 'tokenizer.json'}: the audio token {k} would be id {tid}, outside the "
+                                      f"model's {cfg.text.vocab_size} embedding rows")
+        cfg = replace(cfg, **ids)
+        processor.config = cfg
+    else:
+        processor = Processor.from_pretrained(path, config=cfg)
     if cfg.audio is not None and processor.feature_size not in (None, cfg.audio.num_mel_bins):
         raise CheckpointError(
             f"{path}: preprocessor_config.json feature_size {processor.feature_size} (mel bins) disagrees with the "
             f"audio encoder's num_mel_bins {cfg.audio.num_mel_bins}"
         )
-    return processor
+    return processor, cfg
 
 
 def graft_whisper(model: QVAModel, whisper, seed: int, dtype: torch.dtype, device) -> None:

@@ -32,6 +32,7 @@ from .inputs import ModelInputs
 IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
 AUDIO_TOKENS = ("<|audio_start|>", "<|audio_end|>", AUDIO_PAD)
 PAD_TOKEN = "<|endoftext|>"
+DEFAULT_FPS = 2.0  # frames a second of a video given as frames without its rate (Qwen2.5-VL's time positions)
 KEPT_FILES = ("tokenizer_config.json", "chat_template.json", "generation_config.json")  # copied on save
 
 
@@ -122,20 +123,22 @@ class Processor:
         if not tokenize:
             return text
         media = chat_template.media_items(messages)
-        return self(text=[text], images=media["image"] or None, videos=media["video"] or None, audio=media["audio"] or None)
+        return self(text=[text], images=media["image"] or None, videos=media["video"] or None, audio=media["audio"] or None,
+                    fps=chat_template.video_fps(messages) or None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- everything -----------------------------------------------------------------------------------
     def __call__(self, text, images=None, videos=None, audios=None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 audio=None) -> ModelInputs:
+                 audio=None, fps: float | list[float | None] | None = None) -> ModelInputs:
         """Texts with placeholders + media → left-padded model inputs. `audio=` is transformers' current
-        keyword for the clips, `audios=` the older one; give one of them."""
+        keyword for the clips, `audios=` the older one; give one of them. `fps`: the videos' frame rates (one for
+        all, or one each; None: DEFAULT_FPS), which place Qwen2.5-VL's video positions in time."""
         if audio is not None and audios is not None:
             raise ValueError("give the audio clips as audio= or as audios=, not both")
         texts = [text] if isinstance(text, str) else list(text)
-        out, counts = self._media(texts, images, videos, audio if audio is not None else audios, min_pixels, max_pixels)
+        out, counts = self._media(texts, images, videos, audio if audio is not None else audios, min_pixels, max_pixels, fps)
         remaining = {k: list(v) for k, v in counts.items()}  # consumed across the texts, in order
         out.update(self._tokenize([self._expand(t, remaining) for t in texts]))
         return ModelInputs(**out)
@@ -146,7 +149,8 @@ class Processor:
         `<|im_end|>` and −100 everywhere else (system, user, media placeholders, template tokens)."""
         segments = chat_template.render_segments(messages)
         media = chat_template.media_items(messages)
-        out, counts = self._media(["".join(t for t, _ in segments)], media["image"], media["video"], media["audio"], min_pixels, max_pixels)
+        out, counts = self._media(["".join(t for t, _ in segments)], media["image"], media["video"], media["audio"], min_pixels, max_pixels,
+                                  chat_template.video_fps(messages) or None)
         counts = {k: list(v) for k, v in counts.items()}
         text, spans = "", []
         for piece, answer in segments:
@@ -162,7 +166,7 @@ class Processor:
                 labels[0, i] = ids[0, i]
         return ModelInputs(**out, input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
-    def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels) -> tuple[dict, dict[str, list[int]]]:
+    def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels, fps=None) -> tuple[dict, dict[str, list[int]]]:
         """Media → tensors, and the number of feature rows per item (placeholders are checked against them)."""
         images, videos, audios = list(images or []), list(videos or []), list(audios or [])
         for kind, pad, given in (("image", IMAGE_PAD, images), ("video", VIDEO_PAD, videos), ("audio", AUDIO_PAD, audios)):
@@ -180,9 +184,22 @@ class Processor:
             out[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
             merge = cfg.merge_size**2
             counts[kind] = [t * h * w // merge for t, h, w in grids]
+        if videos and getattr(self.config, "family", "qwen2_vl") == "qwen2_5_vl":
+            out["second_per_grid_ts"] = self._seconds_per_grid(fps, len(videos))
         if audios:
             out["input_features"], out["audio_valid_frames"], counts["audio"] = self._audio(audios)
         return out, counts
+
+    def _seconds_per_grid(self, fps, videos: int) -> torch.Tensor:
+        """Seconds each temporal patch of each video spans: temporal_patch_size / its frame rate `[videos]`."""
+        rates = list(fps) if isinstance(fps, (list, tuple)) else [fps] * videos
+        if len(rates) != videos:
+            raise ValueError(f"fps has {len(rates)} rates for {videos} videos")
+        rates = [DEFAULT_FPS if r is None else r for r in rates]
+        for r in rates:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or r == float("inf"):
+                raise ValueError(f"a video's fps must be a number > 0, got {r!r}")
+        return torch.tensor([self.video_config.temporal_patch_size / r for r in rates], dtype=torch.float32)
 
     def _audio(self, audios: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Clips → log-mel windows, valid frames per window, and LLM tokens per clip."""

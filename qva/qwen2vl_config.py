@@ -1,4 +1,10 @@
-"""Qwen2-VL configuration (plus the optional Whisper graft), read from either `config.json` layout.
+"""Qwen2-VL and Qwen2.5-VL configuration (plus the optional Whisper graft), read from either `config.json` layout.
+
+The family is read once, here, from `model_type`: `qwen2_vl` or `qwen2_5_vl` (`Qwen2VLConfig.family`). Both
+have the same Qwen2 LLM with M-RoPE; Qwen2.5-VL's vision tower differs (RMSNorm + SwiGLU blocks, window
+attention but in `fullatt_block_indexes`, `out_hidden_size`; `qwen2_5_vision.py`) and its video positions
+follow absolute time (`tokens_per_second`). Its vision_config names the tower's width `hidden_size` (Qwen2-VL:
+`embed_dim`) and the LLM's `out_hidden_size` (Qwen2-VL: `hidden_size`); `VisionConfig` keeps Qwen2-VL's names.
 
 The Hub's checkpoints use the flat v4 layout (LLM fields at top level, `rope_scaling.mrope_section`,
 `vision_config.in_chans`); transformers 5 writes a nested one (`text_config` with `rope_parameters`,
@@ -15,9 +21,13 @@ from weights_loader import CheckpointError, Fields, read_config
 
 from .whisper_encoder import WhisperEncoderConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 AUDIO_FRAMES = ("valid", "full")
 AUDIO_TOKEN_IDS = {"audio_start_token_id": 151657, "audio_end_token_id": 151658, "audio_token_id": 151659}
+# the first ids after each family's released tokenizer (Qwen2-VL's ends at 151656, Qwen2.5-VL's at 151664 with
+# <tool_call> … <|file_sep|>): where the processor adds the audio tokens, inside the embedding's spare rows
+FIRST_FREE_ID = {"qwen2_vl": 151657, "qwen2_5_vl": 151665}
 # what a graft's config.json names as its architecture: the vLLM plugin (qva/vllm/) registers it; a plain Qwen2-VL
 # keeps Qwen2VLForConditionalGeneration, so stock engines still load it
 GRAFT_ARCHITECTURE = "QVAForConditionalGeneration"
@@ -36,6 +46,11 @@ class VisionConfig:
     temporal_patch_size: int = 2
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    # Qwen2.5-VL only (None / empty for Qwen2-VL): SwiGLU width, window attention, video time scale
+    intermediate_size: int | None = None
+    window_size: int | None = None  # pixels: windows of window_size / patch_size patches a side
+    fullatt_block_indexes: list[int] = field(default_factory=list)  # blocks with full (per-frame) attention
+    tokens_per_second: float | None = None  # video temporal position ids per second
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +85,7 @@ class Qwen2VLConfig:
     text: TextConfig
     vision: VisionConfig
     tie_word_embeddings: bool
+    family: str = "qwen2_vl"  # model_type: "qwen2_vl" | "qwen2_5_vl"
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
@@ -102,7 +118,7 @@ class Qwen2VLConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; qva loads {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "(Qwen2-VL 2B/7B/72B). Qwen2.5-VL and Qwen3-VL use a different vision tower."
+                "(Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B)"
             )
         t = f.sub("text_config") if d.get("text_config") is not None else f  # nested (transformers 5) or flat (Hub)
         rope = next((src.sub(k) for src, k in ((t, "rope_parameters"), (t, "rope_scaling"), (f, "rope_scaling"))
@@ -136,25 +152,7 @@ class Qwen2VLConfig:
         if 2 * sum(text.mrope_section) != text.head_dim:
             raise rope.error("mrope_section", f"{text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}")
 
-        v = f.sub("vision_config")
-        embed, vheads = v.int("embed_dim"), v.int("num_heads")
-        if embed % vheads or (embed // vheads) % 4:
-            raise v.error("num_heads", f"must divide embed_dim {embed} into a head_dim divisible by 4 (2-D rotary), got {vheads}")
-        vision = VisionConfig(
-            depth=v.int("depth"),
-            embed_dim=embed,
-            hidden_size=v.int("hidden_size", text.hidden_size),
-            num_heads=vheads,
-            mlp_ratio=v.number("mlp_ratio", 4),
-            in_channels=v.int("in_channels") if "in_channels" in v else v.int("in_chans", 3),
-            patch_size=v.int("patch_size") if "patch_size" in v else v.int("spatial_patch_size", 14),
-            spatial_merge_size=v.int("spatial_merge_size", 2),
-            temporal_patch_size=v.int("temporal_patch_size", 2),
-            hidden_act=v.str("hidden_act", "quick_gelu", choices=("quick_gelu", "gelu")),
-            rope_theta=v.sub("rope_parameters").float("rope_theta", 10000.0) if v.data.get("rope_parameters") is not None else 10000.0,
-        )
-        if vision.hidden_size != text.hidden_size:
-            raise v.error("hidden_size", f"{vision.hidden_size} must equal the LLM's hidden_size {text.hidden_size}")
+        vision = read_vision(f.sub("vision_config"), model_type, text)
         tie = f.bool("tie_word_embeddings") if "tie_word_embeddings" in f else t.bool("tie_word_embeddings", False)
         keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", *AUDIO_TOKEN_IDS)
         ids = {k: f.int(k, minimum=0) for k in keys if f.data.get(k) is not None}
@@ -162,8 +160,10 @@ class Qwen2VLConfig:
             if tid >= text.vocab_size:
                 raise f.error(k, f"{tid} is outside the vocabulary (vocab_size {text.vocab_size})")
         init_src = f if "initializer_range" in f else t
-        cfg = cls(text=text, vision=vision, tie_word_embeddings=tie, initializer_range=init_src.float("initializer_range", 0.02),
-                  raw=dict(d), **ids)
+        first = FIRST_FREE_ID[model_type]
+        ids = {**{k: first + i for i, k in enumerate(AUDIO_TOKEN_IDS)}, **ids}  # the family's audio ids unless the file names them
+        cfg = cls(text=text, vision=vision, tie_word_embeddings=tie, family=model_type,
+                  initializer_range=init_src.float("initializer_range", 0.02), raw=dict(d), **ids)
         if f.bool("has_audio_encoder", False):
             audio = WhisperEncoderConfig.from_fields(f.sub("audio_config"))
             if f.int("audio_hidden_size", audio.d_model) != audio.d_model:
@@ -183,15 +183,13 @@ class Qwen2VLConfig:
             out.pop(k, None)
         out.update({k: val for k, val in asdict(t).items() if k != "mrope_section"})
         out.update(
-            model_type="qwen2_vl", architectures=[GRAFT_ARCHITECTURE if self.audio is not None else "Qwen2VLForConditionalGeneration"],
+            model_type=self.family, architectures=[GRAFT_ARCHITECTURE if self.audio is not None else ARCHITECTURES[self.family]],
             rope_scaling={"type": "mrope", "mrope_section": t.mrope_section},
             tie_word_embeddings=self.tie_word_embeddings, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
         )
-        vd = {k: val for k, val in asdict(v).items() if k != "rope_theta"}
-        vd["in_chans"] = vd.pop("in_channels")
-        out["vision_config"] = vd
+        out["vision_config"] = vision_dict(v, self.family)
         out["initializer_range"] = self.initializer_range
         for k in ("has_audio_encoder", "audio_config", "audio_hidden_size", "audio_frames", "audio_pool", *AUDIO_TOKEN_IDS):
             out.pop(k, None)
@@ -203,3 +201,51 @@ class Qwen2VLConfig:
                 **{k: getattr(self, k) for k in AUDIO_TOKEN_IDS},
             )
         return out
+
+
+def read_vision(v: Fields, model_type: str, text: TextConfig) -> VisionConfig:
+    """The vision tower's fields in either family's names (see the module docstring)."""
+    qwen25 = model_type == "qwen2_5_vl"
+    embed, vheads = v.int("hidden_size" if qwen25 else "embed_dim"), v.int("num_heads")
+    width = "hidden_size" if qwen25 else "embed_dim"
+    if embed % vheads or (embed // vheads) % 4:
+        raise v.error("num_heads", f"must divide {width} {embed} into a head_dim divisible by 4 (2-D rotary), got {vheads}")
+    out_key = "out_hidden_size" if qwen25 else "hidden_size"
+    vision = VisionConfig(
+        depth=v.int("depth"),
+        embed_dim=embed,
+        hidden_size=v.int(out_key, text.hidden_size),
+        num_heads=vheads,
+        mlp_ratio=v.number("mlp_ratio", 4),
+        in_channels=v.int("in_channels") if "in_channels" in v else v.int("in_chans", 3),
+        patch_size=v.int("patch_size") if "patch_size" in v else v.int("spatial_patch_size", 14),
+        spatial_merge_size=v.int("spatial_merge_size", 2),
+        temporal_patch_size=v.int("temporal_patch_size", 2),
+        hidden_act=v.str("hidden_act", "silu", choices=("silu",)) if qwen25 else v.str("hidden_act", "quick_gelu", choices=("quick_gelu", "gelu")),
+        rope_theta=v.sub("rope_parameters").float("rope_theta", 10000.0) if v.data.get("rope_parameters") is not None else 10000.0,
+    )
+    if qwen25:
+        vision.intermediate_size = v.int("intermediate_size")
+        vision.window_size = v.int("window_size")
+        vision.fullatt_block_indexes = v.ints("fullatt_block_indexes")
+        vision.tokens_per_second = v.number("tokens_per_second")
+        cell = vision.patch_size * vision.spatial_merge_size
+        if vision.window_size % cell:
+            raise v.error("window_size", f"must be a multiple of patch_size × spatial_merge_size = {cell}, got {vision.window_size}")
+        bad = [i for i in vision.fullatt_block_indexes if not 0 <= i < vision.depth]
+        if bad:
+            raise v.error("fullatt_block_indexes", f"{bad} are not blocks of a depth-{vision.depth} tower")
+    if vision.hidden_size != text.hidden_size:
+        raise v.error(out_key, f"{vision.hidden_size} must equal the LLM's hidden_size {text.hidden_size}")
+    return vision
+
+
+def vision_dict(v: VisionConfig, family: str) -> dict:
+    """`vision_config` in the family's Hub names (`in_chans`, as the Hub files say)."""
+    common = dict(patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                  hidden_act=v.hidden_act, in_chans=v.in_channels)
+    if family == "qwen2_5_vl":
+        return dict(depth=v.depth, hidden_size=v.embed_dim, out_hidden_size=v.hidden_size, num_heads=v.num_heads,
+                    intermediate_size=v.intermediate_size, **common, window_size=v.window_size,
+                    fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second)
+    return dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, **common)

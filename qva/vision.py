@@ -90,13 +90,14 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """LN, then each 2×2 window of consecutive patches (4 × embed) → Linear → GELU → Linear(→ LLM width)."""
+    """LN, then each 2×2 window of consecutive patches (4 × embed) → Linear → GELU → Linear(→ LLM width).
+    `norm`: the LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL) class, built as `norm(dim, eps=1e-6)`."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, norm=LayerNorm):
         super().__init__()
         self.window = cfg.spatial_merge_size**2
         wide = cfg.embed_dim * self.window
-        self.ln_q = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.ln_q = norm(cfg.embed_dim, eps=LAYER_NORM_EPS)
         self.mlp = nn.Sequential(Linear(wide, wide), nn.GELU(), Linear(wide, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,15 +118,21 @@ def patch_hw_ids(grid_thw: list[list[int]], merge: int) -> torch.Tensor:
 
 def attention_segments(grid_thw: list[list[int]]) -> list[tuple[int, int, int]]:
     """Runs of equal-length temporal slices: (start, slice length, number of slices)."""
+    return segments_of([h * w for t, h, w in grid_thw for _ in range(t)])
+
+
+def segments_of(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive attention blocks of these lengths as runs of equal ones: (start, length, count); empty ones skipped."""
     runs: list[list[int]] = []
     start = 0
-    for t, h, w in grid_thw:
-        for _ in range(t):
-            if runs and runs[-1][1] == h * w:
-                runs[-1][2] += 1
-            else:
-                runs.append([start, h * w, 1])
-            start += h * w
+    for n in lengths:
+        if not n:
+            continue
+        if runs and runs[-1][1] == n:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, n, 1])
+        start += n
     return [tuple(r) for r in runs]
 
 
@@ -140,18 +147,22 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(cfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
         grid = grid_thw.tolist()  # host metadata from the processor (a CPU tensor): no device sync
-        n = sum(t * h * w for t, h, w in grid)
-        if pixel_values.dim() != 2 or pixel_values.shape != (n, cfg.patch_dim):
-            raise ValueError(
-                f"pixel_values must be [{n}, {cfg.patch_dim}] for grid_thw {grid}, got {list(pixel_values.shape)}"
-            )
-        w = self.patch_embed.proj.weight
-        x = self.patch_embed(pixel_values.to(large_matmul_dtype(w.dtype, w.device)))  # [N, embed]
-        cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
-        cos, sin = cos[None], sin[None]  # broadcast over heads: [1, N, head_dim]
+        x, cos, sin = embed_patches(self, pixel_values, grid)
         segments = attention_segments(grid)
         for block in self.blocks:
             x = block(x, cos, sin, segments)
         return self.merger(x)
+
+
+def embed_patches(tower: nn.Module, pixel_values: torch.Tensor, grid: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tower's input (pixel rows checked against `grid`): patch embeddings `[N, embed]` and the 2-D rotary
+    cos, sin `[1, N, head_dim]` (broadcast over heads), in the processor's merge-window order."""
+    cfg = tower.config
+    n = sum(t * h * w for t, h, w in grid)
+    if pixel_values.dim() != 2 or pixel_values.shape != (n, cfg.patch_dim):
+        raise ValueError(f"pixel_values must be [{n}, {cfg.patch_dim}] for grid_thw {grid}, got {list(pixel_values.shape)}")
+    w = tower.patch_embed.proj.weight
+    x = tower.patch_embed(pixel_values.to(large_matmul_dtype(w.dtype, w.device)))  # [N, embed]
+    cos, sin = vision_cos_sin(patch_hw_ids(grid, cfg.spatial_merge_size).to(x.device), cfg.head_dim, cfg.rope_theta)
+    return x, cos[None], sin[None]

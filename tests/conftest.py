@@ -80,12 +80,31 @@ def tiny_qwen2vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
     )
 
 
-def tiny_qwen2vl(seed: int = 0, tie: bool = True, **kw):
-    """A transformers Qwen2VLForConditionalGeneration with large random weights (std 0.1, norms ≠ 1)."""
-    from transformers import Qwen2VLForConditionalGeneration
+def tiny_qwen2_5_vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
+    """A transformers Qwen2_5_VLConfig with real structure at a tiny width: the Hub's 112-pixel windows (4 merged
+    tokens a side), 3 blocks of which block 1 attends to whole frames, SwiGLU 48 wide; the LLM as Qwen2-VL's tiny one."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = tiny_qwen2vl_config(tie, layers, vocab).text_config.to_dict()
+    return Qwen2_5_VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        text_config={k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "rope_parameters")},
+        tie_word_embeddings=tie,
+    )
+
+
+def tiny_qwen2vl(seed: int = 0, tie: bool = True, family: str = "qwen2_vl", **kw):
+    """A transformers Qwen2-VL (or, with `family="qwen2_5_vl"`, Qwen2.5-VL) ForConditionalGeneration with large
+    random weights (std 0.1, norms ≠ 1)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tie, **kw))
+    if family == "qwen2_5_vl":
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tie, **kw))
+    else:
+        model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tie, **kw))
     model = perturb_(model, seed)
     if tie:
         model.tie_weights()
@@ -105,7 +124,7 @@ def write_hub_layout(saved_dir: Path, out_dir: Path, max_shard_bytes: int = 20 *
     rope = text["rope_parameters"]
     vision = {k: v for k, v in nested["vision_config"].items() if k not in ("in_channels", "model_type", "rope_parameters", "initializer_range")}
     flat = {
-        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "architectures": nested["architectures"], "model_type": nested["model_type"],
         **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                  "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act")},
         "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
@@ -203,10 +222,11 @@ class Reference:
         return self.proj(torch.cat(rows))
 
     @torch.no_grad()
-    def logits(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
-        return self.forward(ids, mask, feats, valid, pixel_values, image_grid_thw)
+    def logits(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None, **videos):
+        return self.forward(ids, mask, feats, valid, pixel_values, image_grid_thw, **videos)
 
-    def forward(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None):
+    def forward(self, ids, mask=None, feats=None, valid=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, audio_pad=AUDIO_PAD):
         """Logits `[B, S, V]`, recording gradients (for training parity)."""
         model = self.qwen
         embeds = model.get_input_embeddings()(ids)
@@ -214,10 +234,15 @@ class Reference:
             img = model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
             img = torch.cat(img) if isinstance(img, (list, tuple)) else img
             embeds = embeds.masked_scatter((ids == IMAGE_PAD)[..., None], img)
+        if pixel_values_videos is not None:
+            vid = model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
+            vid = torch.cat(vid) if isinstance(vid, (list, tuple)) else vid
+            embeds = embeds.masked_scatter((ids == VIDEO_PAD)[..., None], vid)
         if feats is not None:
-            embeds = embeds.masked_scatter((ids == AUDIO_PAD)[..., None], self.audio_rows(feats, valid))
-        types = (ids == IMAGE_PAD).int()  # audio tokens are text (type 0)
-        pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, None, mask)
+            embeds = embeds.masked_scatter((ids == audio_pad)[..., None], self.audio_rows(feats, valid))
+        types = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()  # audio tokens are text (type 0)
+        extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
+        pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, video_grid_thw, attention_mask=mask, **extra)
         return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
 
     def loss(self, labels, *args, **kwargs):

@@ -184,8 +184,8 @@ def test_logits_to_keep_and_few_row_head(tied):
 def test_unsupported_model_type(tied, tmp_path):
     _, _, saved = tied
     cfg = json.loads((saved / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_5_vl"}))
-    with pytest.raises(CheckpointError, match="qwen2_5_vl.*not supported.*qwen2_vl"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3_vl_moe"}))
+    with pytest.raises(CheckpointError, match="qwen3_vl_moe.*not supported.*qwen2_vl"):
         qva.load(tmp_path)
 
 

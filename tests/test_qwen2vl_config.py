@@ -39,7 +39,9 @@ def test_clear_errors():
     base = json.loads(REAL_2B.read_text()) if REAL_2B.exists() else None
     if base is None:
         pytest.skip("needs ../shared")
-    with pytest.raises(CheckpointError, match="'qwen2_5_vl' is not supported"):
+    with pytest.raises(CheckpointError, match="'qwen3_vl_moe' is not supported"):
+        Qwen2VLConfig.from_dict({**base, "model_type": "qwen3_vl_moe"})
+    with pytest.raises(CheckpointError, match="field 'vision_config.intermediate_size' is missing"):  # Qwen2-VL's fields, 2.5's name
         Qwen2VLConfig.from_dict({**base, "model_type": "qwen2_5_vl"})
     with pytest.raises(CheckpointError, match="field 'rms_norm_eps' is missing"):
         Qwen2VLConfig.from_dict({k: v for k, v in base.items() if k != "rms_norm_eps"})

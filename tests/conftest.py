@@ -336,14 +336,23 @@ def broken_copy(folder: Path, dst: Path, **files) -> Path:
 def train_dirs(tmp_path_factory):
     """(ref qwen, qwen folder, ref whisper encoder, whisper folder, manifest): the reference models are the
     transformers modules the folders were saved from; the qwen folder has the demo tokenizer (Qwen's ids)."""
+    return make_train_dirs(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+def family_train_dirs(request, tmp_path_factory):
+    """`train_dirs` for each base family (the same tokenizer, Whisper and manifest)."""
+    return make_train_dirs(tmp_path_factory.mktemp(f"train-{request.param}"), request.param)
+
+
+def make_train_dirs(root: Path, family: str = "qwen2_vl"):
     import json
 
     import soundfile as sf
 
     from qva.demo import demo_tokenizer
 
-    root = tmp_path_factory.mktemp("train")
-    qwen = tiny_qwen2vl(seed=3, tie=True).eval()
+    qwen = tiny_qwen2vl(seed=3, tie=True, family=family).eval()
     qwen.save_pretrained(root / "qwen")
     (root / "qwen" / "tokenizer.json").write_text(demo_tokenizer().to_str())
     (root / "qwen" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 64}))

@@ -37,8 +37,8 @@ def stage1(train_dirs, tmp_path_factory):
 
 
 # -- gradient parity ------------------------------------------------------------------------------------------
-def test_gradient_parity_with_transformers_and_peft(train_dirs):
-    """One step's loss and the projector + LoRA gradients equal transformers' Qwen2-VL + WhisperEncoder +
+def test_gradient_parity_with_transformers_and_peft(family_train_dirs):
+    """One step's loss and the projector + LoRA gradients equal transformers' Qwen2-VL (and Qwen2.5-VL) + WhisperEncoder +
     nn.Linear + masked_scatter with PEFT LoRA on the same targets and the same factors (fp32): the loss and
     the whole gradient (all 29 tensors as one vector) within 1e-5 relative. Single tensors are held to 3e-5
     relative L2: fp32 summation order alone moves the deepest ones by 1–2e-5 on AVX-512 kernels (measured),
@@ -47,6 +47,7 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
 
     from peft import LoraConfig, get_peft_model
 
+    train_dirs = family_train_dirs
     ref_qwen, qwen, ref_whisper, whisper, _ = train_dirs
     model = qva.load(qwen, whisper=whisper, seed=0).train()
     g = torch.Generator().manual_seed(5)
@@ -86,7 +87,8 @@ def test_gradient_parity_with_transformers_and_peft(train_dirs):
         assert theirs.abs().max() > 0, name
         assert rel_l2(ours, theirs) <= 3e-5, name
     ours, theirs = (torch.cat([g[i].flatten() for g in grads.values()]) for i in (0, 1))
-    assert rel_l2(ours, theirs) <= 1e-5
+    # the tiny Qwen2.5-VL's fp32 gradient is itself 1.6e-5 from a float64 reference's (measured; Qwen2-VL's 0.9e-5)
+    assert rel_l2(ours, theirs) <= (1e-5 if model.config.family == "qwen2_vl" else 2e-5)
 
 
 def lora_linears_after(model, rank, alpha):

@@ -82,12 +82,12 @@ def tiny_qwen2vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
 
 def tiny_qwen2_5_vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
     """A transformers Qwen2_5_VLConfig with real structure at a tiny width: the Hub's 112-pixel windows (4 merged
-    tokens a side), 3 blocks of which block 1 attends to whole frames, SwiGLU 48 wide; the LLM as Qwen2-VL's tiny one."""
+    tokens a side), 3 blocks of which block 1 attends to whole frames, SwiGLU 128 wide (shapes int4 packs); the LLM as Qwen2-VL's tiny one."""
     from transformers import Qwen2_5_VLConfig
 
     text = tiny_qwen2vl_config(tie, layers, vocab).text_config.to_dict()
     return Qwen2_5_VLConfig(
-        vision_config=dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=112,
+        vision_config=dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=64, window_size=112,
                            fullatt_block_indexes=[1], tokens_per_second=2),
         text_config={k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "rope_parameters")},

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import make_train_dirs, max_rel_err
 from safetensors.torch import load_file
 
 import qva
@@ -49,7 +49,18 @@ def single(train_dirs, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one(train_dirs, single, tmp_path, mode):
-    out = tmp_path / mode
+    two_equal_one(train_dirs, single, tmp_path / mode, mode)
+
+
+def test_qwen2_5_vl_under_fsdp_equals_one_process(tmp_path_factory, tmp_path):
+    dirs = make_train_dirs(tmp_path_factory.mktemp("train25"), "qwen2_5_vl")
+    one = tmp_path / "one"
+    run(dirs, one, "--steps", "4", "--batch-size", "1", "--grad-accum", "2")
+    two_equal_one(dirs, one, tmp_path / "fsdp", "fsdp")
+    assert qva.load(tmp_path / "fsdp").config.family == "qwen2_5_vl"
+
+
+def two_equal_one(train_dirs, single, out, mode):
     result = run(train_dirs, out, "--steps", "4", "--batch-size", "1", *(["--fsdp"] if mode == "fsdp" else []), procs=2)
     assert "2 processes" in result.stderr
     a, b = last_weights(single), last_weights(out)

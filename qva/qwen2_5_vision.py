@@ -23,7 +23,7 @@ from torch import nn
 from .linear import Linear
 from .qwen2 import RMSNorm
 from .qwen2vl_config import VisionConfig
-from .vision import LAYER_NORM_EPS, PatchEmbed, PatchMerger, VisionAttention, attention_segments, embed_patches, segments_of
+from .vision import PatchEmbed, PatchMerger, VisionBlock, attention_segments, embed_patches, segments_of
 
 
 class SwiGLU(nn.Module):
@@ -35,21 +35,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    """x + attn(RMS1(x)); x + mlp(RMS2(x))."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.norm1 = RMSNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
-        self.attn = VisionAttention(cfg)
-        self.norm2 = RMSNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(self, x, cos, sin, segments):
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
 
 
 def window_order(grid_thw: list[list[int]], cfg: VisionConfig) -> tuple[torch.Tensor, list[int]]:
@@ -77,7 +62,7 @@ class Qwen25VisionTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, norm=RMSNorm, mlp=SwiGLU) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, norm=RMSNorm)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,8 @@ class Qwen2VLConfig:
 def read_vision(v: Fields, model_type: str, text: TextConfig) -> VisionConfig:
     """The vision tower's fields in either family's names (see the module docstring)."""
     qwen25 = model_type == "qwen2_5_vl"
-    embed, vheads = v.int("hidden_size" if qwen25 else "embed_dim"), v.int("num_heads")
     width = "hidden_size" if qwen25 else "embed_dim"
+    embed, vheads = v.int(width), v.int("num_heads")
     if embed % vheads or (embed // vheads) % 4:
         raise v.error("num_heads", f"must divide {width} {embed} into a head_dim divisible by 4 (2-D rotary), got {vheads}")
     out_key = "out_hidden_size" if qwen25 else "hidden_size"

@@ -75,14 +75,15 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """x + attn(LN1(x)); x + mlp(LN2(x))."""
+    """x + attn(norm1(x)); x + mlp(norm2(x)). `norm` and `mlp`: LayerNorm and the GELU MLP (Qwen2-VL), or RMSNorm
+    and SwiGLU (Qwen2.5-VL), built as `norm(dim, eps=1e-6)` and `mlp(cfg)`."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, norm=LayerNorm, mlp=None):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.norm1 = norm(cfg.embed_dim, eps=LAYER_NORM_EPS)
         self.attn = VisionAttention(cfg)
-        self.norm2 = LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
-        self.mlp = VisionMLP(cfg)
+        self.norm2 = norm(cfg.embed_dim, eps=LAYER_NORM_EPS)
+        self.mlp = (mlp or VisionMLP)(cfg)
 
     def forward(self, x, cos, sin, segments):
         x = x + self.attn(self.norm1(x), cos, sin, segments)

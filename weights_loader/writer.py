@@ -34,7 +34,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -287,9 +287,11 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_file(path: str | os.PathLike, content: str | bytes) -> Path:
+def atomic_file(path: str | os.PathLike, content: str | bytes | Callable[[Path], None]) -> Path:
     """Write one file of qva's own (a cache entry, a marker, a settings record) atomically: a temporary
-    sibling, then a rename over it. Readers see the old content or the new, never a part."""
+    sibling, then a rename over it. Readers see the old content or the new, never a part. `content` is the
+    text or bytes, or a writer `content(tmp_path)` that fills the temporary file (a tensor file too large
+    to hold twice in memory)."""
     path = Path(path)
     if path.is_symlink() or path.is_dir():
         raise WriteError(f"{path}: is a {'symbolic link' if path.is_symlink() else 'folder'}; qva writes a file there only where nothing is")
@@ -298,14 +300,17 @@ def atomic_file(path: str | os.PathLike, content: str | bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.qva-tmp-{_HOST}-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+            if not callable(data):
+                f.write(data)
+        if callable(data):
+            data(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with _quiet():
             os.unlink(tmp)
-        if _full_disk(e):
+        if _full_disk(e) and not callable(data):  # a writer's own error already names what failed
             raise WriteError(f"{path}: the disk is full ({len(data):,} bytes needed, {free_bytes(path.parent):,} free)") from None
         raise
     return path

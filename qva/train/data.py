@@ -33,7 +33,6 @@ import codecs
 import hashlib
 import json
 import os
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from weights_loader.writer import WriteError, atomic_file
 
 from .. import chat_template
 from ..audio import AudioError, audio_token_count
@@ -528,17 +529,10 @@ def fill_audio_rows(model, samples: list[Sample], cache_dir: Path | None, batch_
 
 
 def _write_cache(cache: dict[str, torch.Tensor], cache_file: Path, log: Callable[[str], None]) -> None:
-    """Write the cache atomically (a temp file of qva's own, then a rename: a reader sees the old cache or the
-    new one). A failure (full disk, no permission) is one line through `log`, and only that temp file is removed."""
+    """Write the cache atomically (`atomic_file`: a reader sees the old cache or the new). A failure (full
+    disk, no permission) is one line through `log`, and only qva's temporary file is removed."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # O_EXCL: the file is surely ours to remove
-        try:
-            save_file(cache, str(tmp))
-            os.replace(tmp, cache_file)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except (SafetensorError, OSError) as e:
+        atomic_file(cache_file, lambda tmp: save_file(cache, str(tmp)))
+    except (SafetensorError, OSError, WriteError) as e:
         log(f"whisper-row cache {cache_file}: not written ({type(e).__name__}: {e}); going on without caching these rows")

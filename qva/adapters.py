@@ -30,10 +30,11 @@ from weights_loader import Checkpoint, CheckpointError
 from weights_loader.writer import atomic_folder
 
 from .linear import QUANTIZED_LINEARS, Linear, add_lora, lora_linears
+from .qwen2vl_config import TRANSFORMERS5_PREFIXES
 
 CONFIG, WEIGHTS, PROJECTOR, GRAFT = "adapter_config.json", "adapter_model.safetensors", "audio_projector.safetensors", "audio_graft.json"
 PEFT_PREFIX = "base_model.model."
-HF5 = (("model.", "model.language_model."), ("visual.", "model.visual."))  # (qva prefix, transformers-5 prefix)
+HF5 = TRANSFORMERS5_PREFIXES  # (qva prefix, transformers-5 prefix)
 
 
 def to_peft_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Qwen2-VL's chat template, rendered in Python from Hugging Face-style messages.
+"""Qwen2-VL's chat template (Qwen2.5-VL's and Qwen3-VL's too), rendered in Python from Hugging Face-style messages.
 
     [{"role": "user", "content": [{"type": "image", "image": ...}, {"type": "text", "text": "..."}]}]
 
@@ -6,7 +6,8 @@ renders exactly as the Jinja template in Qwen2-VL's `chat_template.json`: a defa
 the first message is not a system one, `<|im_start|>role\\n … <|im_end|>\\n` per message, and one
 `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video), and, for the
 audio graft, `<|audio_start|><|audio_pad|><|audio_end|>` per audio clip. The processor later repeats
-each pad token once per feature row.
+each pad token once per feature row. Qwen3-VL's template differs in one thing these messages reach: no
+default system prompt (`family="qwen3_vl"`).
 """
 
 from __future__ import annotations
@@ -66,18 +67,19 @@ def check_text(text, where: str) -> None:
         raise ValueError(f"{where}: not valid Unicode at character {e.start} ({text[e.start]!r}: a lone surrogate)") from None
 
 
-def render(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:
-    return "".join(text for text, _ in render_segments(messages, add_generation_prompt, add_vision_id))
+def render(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False, family: str = "qwen2_vl") -> str:
+    return "".join(text for text, _ in render_segments(messages, add_generation_prompt, add_vision_id, family))
 
 
-def render_segments(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False) -> list[tuple[str, bool]]:
+def render_segments(messages: list[dict], add_generation_prompt: bool = False, add_vision_id: bool = False,
+                    family: str = "qwen2_vl") -> list[tuple[str, bool]]:
     """The rendered prompt as (text, is_answer) pieces: `is_answer` marks each assistant message's content
     and its `<|im_end|>`, what a model is trained to produce (everything else is context)."""
     check_messages(messages)
     counts = dict.fromkeys(MEDIA, 0)
     out: list[tuple[str, bool]] = []
     for i, message in enumerate(messages):
-        if i == 0 and message["role"] != "system":
+        if i == 0 and message["role"] != "system" and family != "qwen3_vl":
             out.append((f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False))
         out.append((f"<|im_start|>{message['role']}\n", False))
         answer = message["role"] == "assistant"

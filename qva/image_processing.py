@@ -5,6 +5,9 @@ RGB (alpha composited onto white) → `smart_resize` to multiples of 28 within [
 second frame; a video with an odd frame count repeats its last), emitted 2×2-merge-window-major:
 rows of 3·2·14·14 = 1176 values, `grid_thw` = (frames/2, h/14, w/14).
 
+Qwen3-VL (16-pixel patches, factor 32, mean/std 0.5 from its preprocessor_config.json) sizes a video's frames
+together (`smart_resize_frames`): its min/max pixels bound all frames at once.
+
 `video_frames` is the one video decoder (a folder of frames, an animated GIF/WebP, an opened PIL image):
 `qva-generate`, the server (`qva.serve.media`) and `process_video` all read videos through it.
 """
@@ -41,6 +44,7 @@ class VisionPreprocessConfig:
     merge_size: int = 2
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+    frames_share_pixels: bool = False  # Qwen3-VL videos: min/max pixels bound all frames together, not each
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "preprocessor_config.json") -> "VisionPreprocessConfig":
@@ -92,6 +96,29 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def smart_resize_frames(frames: int, height: int, width: int, temporal: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's video sizing: sides rounded to multiples of `factor`, the pixels of all frames (their count
+    rounded to a multiple of `temporal`) brought into [min, max]; sides below `factor` are first scaled up."""
+    if min(height, width) <= 0:
+        raise ImageError(f"video frames have an empty side: {height}×{width}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(f"aspect ratio must be at most 200, got {height}×{width} ({max(height, width) / min(height, width):.1f})")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    t = max(temporal, round(frames / temporal) * temporal)
+    if t * h * w > max_pixels:
+        beta = math.sqrt(frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
@@ -220,7 +247,7 @@ def video_frames(source) -> list[Image.Image]:
         raise ImageError(f"{path}: cannot decode as a video ({type(e).__name__}: {e})") from e
 
 
-def _video_input(video) -> list:
+def video_input(video) -> list:
     """`process_video`'s input as a list of frames: a list/tuple of images, an array `[T, H, W, 3]`, or a folder of images."""
     if isinstance(video, (str, os.PathLike)):
         folder = Path(video)
@@ -239,11 +266,15 @@ def _video_input(video) -> list:
 
 def process_video(video, cfg: VisionPreprocessConfig, min_pixels: int | None = None, max_pixels: int | None = None):
     """Frames → (rows `[T/2 · h/14 · w/14, 1176]`, grid [T/2, h/14, w/14]); odd T repeats the last frame."""
-    frames = [to_rgb(f, f"video frame {i}") for i, f in enumerate(_video_input(video))]
+    frames = [to_rgb(f, f"video frame {i}") for i, f in enumerate(video_input(video))]
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise ImageError(f"video frames differ in size: {sorted(sizes)}")
-    size = smart_resize(frames[0].height, frames[0].width, cfg.factor, *pixel_bounds(cfg, min_pixels, max_pixels))
+    lo, hi = pixel_bounds(cfg, min_pixels, max_pixels)
+    if cfg.frames_share_pixels:
+        size = smart_resize_frames(len(frames), frames[0].height, frames[0].width, cfg.temporal_patch_size, cfg.factor, lo, hi)
+    else:
+        size = smart_resize(frames[0].height, frames[0].width, cfg.factor, lo, hi)
     x = np.stack([_normalized(f, size, cfg) for f in frames])  # [T, 3, h, w]
     if len(frames) % cfg.temporal_patch_size:
         pad = cfg.temporal_patch_size - len(frames) % cfg.temporal_patch_size

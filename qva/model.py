@@ -1,4 +1,6 @@
 """The qva model: Qwen2-VL (vision tower + Qwen2 LLM with M-RoPE) with an optional Whisper audio graft.
+The same glue runs Qwen2.5-VL (`qwen2_5_vision.py`) and Qwen3-VL (`qwen3_vision.py`, the Qwen3 LLM of `qwen2.py`
+with DeepStack) — `config.family` picks the tower.
 
 Attribute names equal the checkpoints' key prefixes: `visual.*`, `model.*`, `lm_head` (Qwen2-VL's legacy
 names) and `audio_encoder.*` (HF `WhisperEncoder` sub-names), `audio_projector.weight` for the graft, so
@@ -18,6 +20,7 @@ and `decode_step` (one token per row, compiled). All three embed through `embed_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +31,11 @@ from .generate import generate
 from .inputs import ModelInputs
 from .kv_cache import KVCache
 from .linear import Linear
-from .merge import merge_embeddings
+from .merge import DeepStack, merge_embeddings
 from .qwen2 import Qwen2Model, causal_padding_mask
 from .qwen2_5_vision import Qwen25VisionTransformer
 from .qwen2vl_config import Qwen2VLConfig
+from .qwen3_vision import Qwen3VisionTransformer
 from .rope_index import rope_index
 from .vision import VisionTransformer
 from .whisper_encoder import WhisperEncoder
@@ -52,6 +56,18 @@ class ModelOutput:
     n_labels: int = 0  # with labels: how many tokens were scored
 
 
+class Embedded(NamedTuple):
+    """A prompt batch as the LLM takes it."""
+
+    embeds: torch.Tensor  # [B, S, D]
+    positions: torch.Tensor  # [3, B, S]
+    rope_deltas: torch.Tensor  # [B, 1]
+    deepstack: DeepStack | None  # Qwen3-VL with images or videos: rows added after the first layers
+
+
+TOWERS = {"qwen2_vl": VisionTransformer, "qwen2_5_vl": Qwen25VisionTransformer, "qwen3_vl": Qwen3VisionTransformer}
+
+
 def as_inputs(args: tuple, kwargs: dict) -> ModelInputs:
     """A `ModelInputs` given as such, or as its fields (positionally in its order, or by name)."""
     if len(args) == 1 and not kwargs and isinstance(args[0], ModelInputs):
@@ -63,7 +79,7 @@ class QVAModel(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
         self.config = cfg
-        self.visual = Qwen25VisionTransformer(cfg.vision) if cfg.family == "qwen2_5_vl" else VisionTransformer(cfg.vision)
+        self.visual = TOWERS[cfg.family](cfg.vision)
         self.model = Qwen2Model(cfg.text)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
@@ -77,8 +93,10 @@ class QVAModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # -- inputs ---------------------------------------------------------------------------------------
-    def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
-        """(placeholder id, merged vision rows) per modality present; all images and videos in one pass."""
+    def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                       deepstack: list | None = None):
+        """(placeholder id, merged vision rows) per modality present; all images and videos in one pass. A tower
+        with DeepStack taps (Qwen3-VL) appends (placeholder id, its rows per tap) to the `deepstack` list."""
         cfg = self.config
         out: list[tuple[int, torch.Tensor | None]] = []
         parts = [(cfg.image_token_id, pixel_values, image_grid_thw), (cfg.video_token_id, pixel_values_videos, video_grid_thw)]
@@ -90,11 +108,14 @@ class QVAModel(nn.Module):
             return out
         pixels = torch.cat([px for _, px, _ in present]).to(self.lm_head.weight.device)
         grids = torch.cat([grid.cpu() for _, _, grid in present])
-        rows = self.visual(pixels, grids)  # [Σ tokens, D]
+        rows = self.visual(pixels, grids)  # [Σ tokens, D], or with DeepStack (rows, [Σ tokens, D] per tap)
+        rows, taps = rows if isinstance(rows, tuple) else (rows, [])
         start = 0
         for tid, _, grid in present:
             n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()) // cfg.vision.spatial_merge_size**2
             out.append((tid, rows[start : start + n]))
+            if taps and deepstack is not None:
+                deepstack.append((tid, [tap[start : start + n] for tap in taps]))
             start += n
         return out
 
@@ -190,6 +211,10 @@ class QVAModel(nn.Module):
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
         cfg = self.config
+        if cfg.family == "qwen3_vl" and video_grid_thw is not None:
+            # each frame is its own placeholder block, after its timestamp text: grids [t, h, w] → t × [1, h, w]
+            video_grid_thw = torch.repeat_interleave(video_grid_thw.cpu(), video_grid_thw[:, 0].cpu(), dim=0)
+            video_grid_thw[:, 0] = 1
         return rope_index(
             input_ids, attention_mask, image_grid_thw, video_grid_thw,
             image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
@@ -197,19 +222,20 @@ class QVAModel(nn.Module):
             second_per_grid_ts=second_per_grid_ts, tokens_per_second=cfg.vision.tokens_per_second,
         )
 
-    def embed_inputs(self, *args, check: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def embed_inputs(self, *args, check: bool = True, **kwargs) -> Embedded:
         """The LLM's inputs for a prompt batch (a `ModelInputs` or its fields): embeddings `[B, S, D]`, positions
-        `[3, B, S]`, rope deltas `[B, 1]`. `audio_rows` (encoder rows computed before) replaces `input_features`;
-        `check=False` skips `check_inputs`."""
+        `[3, B, S]`, rope deltas `[B, 1]`, and the DeepStack rows (Qwen3-VL; else None). `audio_rows` (encoder
+        rows computed before) replaces `input_features`; `check=False` skips `check_inputs`."""
         i = as_inputs(args, kwargs)
         if check:
             self.check_inputs(i)
-        features = self.media_features(i.pixel_values, i.image_grid_thw, i.pixel_values_videos, i.video_grid_thw)
+        taps: list = []
+        features = self.media_features(i.pixel_values, i.image_grid_thw, i.pixel_values_videos, i.video_grid_thw, taps)
         if i.input_features is not None or i.audio_rows is not None:
             features.append((self.config.audio_token_id, self.audio_features(i.input_features, i.audio_valid_frames, i.audio_rows)))
         embeds = merge_embeddings(i.input_ids, self.model.embed_tokens(i.input_ids), features)
         position_ids, rope_deltas = self.position_ids(i.input_ids, i.attention_mask, i.image_grid_thw, i.video_grid_thw, i.second_per_grid_ts)
-        return embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device)
+        return Embedded(embeds, position_ids.to(embeds.device), rope_deltas.to(embeds.device), DeepStack.of(i.input_ids, taps))
 
     def forward(
         self,
@@ -237,14 +263,14 @@ class QVAModel(nn.Module):
           logits computed at the labelled positions only (`logits` is then `[N, vocab]`).
         The engine's two modes are `prefill` (a prompt batch into cache rows) and `decode_step`.
         """
-        embeds, positions, rope_deltas = self.embed_inputs(
+        embeds, positions, rope_deltas, deepstack = self.embed_inputs(
             ModelInputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                         input_features, audio_valid_frames, audio_rows, second_per_grid_ts), check=check,
         )
         positions = positions if position_ids is None else position_ids
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
-        hidden = self.model(embeds, positions, attention_mask)
+        hidden = self.model(embeds, positions, attention_mask, deepstack=deepstack)
         if labels is not None:
             return self.labelled_loss(hidden, labels, rope_deltas)
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden  # [B, S or n, D]
@@ -254,12 +280,13 @@ class QVAModel(nn.Module):
         """A prompt batch (`ModelInputs`, or a mapping of its fields) into `cache` (the rows it views), slots 0…S-1:
         the next-token logits `[B, logits_to_keep, V]` and the rope deltas `[B, 1]` that place the next tokens."""
         inputs = ModelInputs.of(inputs)
-        embeds, positions, rope_deltas = self.embed_inputs(ModelInputs(inputs.input_ids, inputs.attention_mask, **inputs.media()),
-                                                           check=check)
+        embeds, positions, rope_deltas, deepstack = self.embed_inputs(ModelInputs(inputs.input_ids, inputs.attention_mask, **inputs.media()),
+                                                                      check=check)
         ids = inputs.input_ids
         mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask
         slots = torch.arange(ids.shape[1], device=embeds.device)  # [S]
-        hidden = self.model(embeds, positions, cache=cache, slots=slots, visible=causal_padding_mask(mask.to(embeds.device)))
+        hidden = self.model(embeds, positions, cache=cache, slots=slots, visible=causal_padding_mask(mask.to(embeds.device)),
+                            deepstack=deepstack)
         return ModelOutput(logits=self.logits(hidden[:, -logits_to_keep:]), rope_deltas=rope_deltas)
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,

@@ -9,7 +9,8 @@
 Modules are built on the `meta` device and filled tensor by tensor from the lazily opened checkpoint
 (`weights_loader`), so loading costs the model's bytes once. A saved folder is an HF-style checkpoint:
 the Qwen2-VL config plus `audio_config`, `audio_hidden_size`, `has_audio_encoder`, the audio token ids,
-`audio_frames` and `audio_pool`; sharded safetensors with the legacy Qwen2-VL key names plus
+`audio_frames` and `audio_pool`; sharded safetensors with the family's key names (Qwen2-VL's legacy ones;
+Qwen3-VL's `model.language_model.*`, `model.visual.*`, see `qwen2vl_config.CHECKPOINT_PREFIXES`) plus
 `audio_encoder.*` and `audio_projector.weight`; the tokenizer with the audio tokens;
 `preprocessor_config.json` (image processor + Whisper feature extractor fields).
 """
@@ -32,7 +33,7 @@ from .model import QVAModel
 from .processor import AUDIO_TOKENS, Processor
 from .quantize import Plan
 from .quantize import record as record_quantization
-from .qwen2vl_config import AUDIO_TOKEN_IDS, Qwen2VLConfig
+from .qwen2vl_config import AUDIO_TOKEN_IDS, Qwen2VLConfig, file_name, module_name
 from .whisper_encoder import WhisperEncoder, WhisperEncoderConfig
 
 AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
@@ -97,7 +98,7 @@ def load(
     targets = plan.read_targets(model, fresh_graft=whisper is not None) if plan else {}
     if plan:
         plan.prepare(model, targets)
-    with Checkpoint(path) as ckpt:
+    with Checkpoint(path).rename(lambda n: module_name(n, cfg.family)) as ckpt:
         load_weights(model, ckpt, dtype=dtype, device=device, with_audio=whisper is None, progress=progress,
                      deferred=plan.deferred(targets) if plan else set())
         if plan:
@@ -242,7 +243,8 @@ def write_model_files(model: QVAModel, folder: Path, processor: Processor | None
     """What `save` writes, into an existing (temporary) folder."""
     processor = processor or getattr(model, "processor", None)
     tied = model.config.tie_word_embeddings
-    tensors = {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight") and ".lora_" not in n}
+    family = model.config.family
+    tensors = {file_name(n, family): t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight") and ".lora_" not in n}
     files = processor.files() if processor is not None else {}
     if processor is not None and model.config.audio is not None:
         files = with_audio_tokens(files, processor)

@@ -9,9 +9,12 @@ and media returns left-padded tensors:
     audio_valid_frames [windows] for audio.
 
 Each `<|image_pad|>` becomes t·h·w/4 of them (one per merged vision token), each `<|audio_pad|>` one
-per audio token. Placeholders and media are matched up front: a mismatch is a clear error before any
-model compute. The audio tokens `<|audio_start|>`, `<|audio_end|>`, `<|audio_pad|>` are added to the
-tokenizer in that order, as special tokens: 151657, 151658, 151659, spare rows of the embedding.
+per audio token. Qwen3-VL's `<|video_pad|>` becomes one block per temporal patch, each after its time as
+text: `<1.0 seconds><|vision_start|>` + h·w/4 pads + `<|vision_end|>` (the time of a patch is the mean of its
+frames' times, frame i at i / fps), as transformers' Qwen3VLProcessor writes it. Placeholders and media are
+matched up front: a mismatch is a clear error before any model compute. The audio tokens `<|audio_start|>`,
+`<|audio_end|>`, `<|audio_pad|>` are added to the tokenizer after its last entry, as special tokens (151657–151659
+after Qwen2-VL's, 151665– after Qwen2.5-VL's, 151669– after Qwen3-VL's), spare rows of the embedding.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from weights_loader import CheckpointError
 
 from . import chat_template
 from .audio import SAMPLE_RATE, audio_token_count, load_audio, log_mel
-from .image_processing import VisionPreprocessConfig, process_image, process_video
+from .image_processing import VisionPreprocessConfig, process_image, process_video, video_input
 from .inputs import ModelInputs
 
 IMAGE_PAD, VIDEO_PAD, AUDIO_PAD = "<|image_pad|>", "<|video_pad|>", "<|audio_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 AUDIO_TOKENS = ("<|audio_start|>", "<|audio_end|>", AUDIO_PAD)
 PAD_TOKEN = "<|endoftext|>"
 DEFAULT_FPS = 2.0  # frames a second of a video given as frames without its rate (Qwen2.5-VL's time positions)
@@ -87,6 +91,8 @@ class Processor:
             config = Qwen2VLConfig.from_pretrained(path)
         image_cfg = VisionPreprocessConfig.from_dict(pre, str(path / "preprocessor_config.json"))
         video_cfg = VisionPreprocessConfig.from_dict(video, str(path / "video_preprocessor_config.json")) if video else None
+        if video_cfg is not None and config is not None and config.family == "qwen3_vl":
+            video_cfg.frames_share_pixels = True  # Qwen3-VL's video min/max pixels bound all frames together
         if config is not None:
             image_cfg.check_against(config.vision, str(path / "preprocessor_config.json"))
             if video_cfg is not None:
@@ -96,6 +102,11 @@ class Processor:
             return cls(tokenizer, image_cfg, video_cfg, config, pre, kept)
         except ValueError as e:
             raise CheckpointError(f"{tok_file}: {e}") from None
+
+    @property
+    def family(self) -> str:
+        """The model's base family (its chat template and video prompt differ); Qwen2-VL's without a config."""
+        return self.config.family if self.config is not None else "qwen2_vl"
 
     @property
     def feature_size(self) -> int | None:
@@ -119,7 +130,7 @@ class Processor:
     # -- text -----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, add_vision_id: bool = False):
         """The prompt string; with `tokenize=True` the full model inputs, media taken from the messages."""
-        text = chat_template.render(messages, add_generation_prompt, add_vision_id)
+        text = chat_template.render(messages, add_generation_prompt, add_vision_id, self.family)
         if not tokenize:
             return text
         media = chat_template.media_items(messages)
@@ -147,7 +158,7 @@ class Processor:
         """One whole conversation (media taken from the messages) → model inputs for training, batch of one:
         `input_ids` `[1, S]`, `labels` `[1, S]` holding the ids of each assistant message's content and its
         `<|im_end|>` and −100 everywhere else (system, user, media placeholders, template tokens)."""
-        segments = chat_template.render_segments(messages)
+        segments = chat_template.render_segments(messages, family=self.family)
         media = chat_template.media_items(messages)
         out, counts = self._media(["".join(t for t, _ in segments)], media["image"], media["video"], media["audio"], min_pixels, max_pixels,
                                   chat_template.video_fps(messages) or None)
@@ -166,15 +177,16 @@ class Processor:
                 labels[0, i] = ids[0, i]
         return ModelInputs(**out, input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
-    def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels, fps=None) -> tuple[dict, dict[str, list[int]]]:
-        """Media → tensors, and the number of feature rows per item (placeholders are checked against them)."""
+    def _media(self, texts: list[str], images, videos, audios, min_pixels, max_pixels, fps=None) -> tuple[dict, dict[str, list[str]]]:
+        """Media → tensors, and each item's placeholder expansion (the pad once per feature row)."""
         images, videos, audios = list(images or []), list(videos or []), list(audios or [])
         for kind, pad, given in (("image", IMAGE_PAD, images), ("video", VIDEO_PAD, videos), ("audio", AUDIO_PAD, audios)):
             n = sum(t.count(pad) for t in texts)
             if n != len(given):
                 raise ValueError(f"the prompt has {n} {kind} placeholder(s) ({pad}) but {len(given)} {kind}(s) were given")
         out: dict[str, torch.Tensor] = {}
-        counts: dict[str, list[int]] = {}
+        counts: dict[str, list[str]] = {}
+        videos = [video_input(v) for v in videos]  # frames, counted for Qwen3-VL's timestamps
         for kind, items, fn, cfg in (("image", images, process_image, self.image_config), ("video", videos, process_video, self.video_config)):
             if not items:
                 continue
@@ -183,15 +195,23 @@ class Processor:
             out[key] = torch.cat(rows)
             out[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
             merge = cfg.merge_size**2
-            counts[kind] = [t * h * w // merge for t, h, w in grids]
-        if videos and getattr(self.config, "family", "qwen2_vl") == "qwen2_5_vl":
+            pad = IMAGE_PAD if kind == "image" else VIDEO_PAD
+            counts[kind] = [pad * (t * h * w // merge) for t, h, w in grids]
+        if videos and self.family == "qwen2_5_vl":
             out["second_per_grid_ts"] = self._seconds_per_grid(fps, len(videos))
+        if videos and self.family == "qwen3_vl":
+            merge = self.video_config.merge_size**2
+            counts["video"] = [
+                "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD * (h * w // merge)}{VISION_END}" for t in times)
+                for times, (_, h, w) in zip(self._patch_times(fps, [len(v) for v in videos]), out["video_grid_thw"].tolist())
+            ]
         if audios:
             out["input_features"], out["audio_valid_frames"], counts["audio"] = self._audio(audios)
         return out, counts
 
-    def _seconds_per_grid(self, fps, videos: int) -> torch.Tensor:
-        """Seconds each temporal patch of each video spans: temporal_patch_size / its frame rate `[videos]`."""
+    @staticmethod
+    def _rates(fps, videos: int) -> list[float]:
+        """Each video's frame rate (DEFAULT_FPS where none is given), checked."""
         rates = list(fps) if isinstance(fps, (list, tuple)) else [fps] * videos
         if len(rates) != videos:
             raise ValueError(f"fps has {len(rates)} rates for {videos} videos")
@@ -199,10 +219,24 @@ class Processor:
         for r in rates:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or r == float("inf"):
                 raise ValueError(f"a video's fps must be a number > 0, got {r!r}")
-        return torch.tensor([self.video_config.temporal_patch_size / r for r in rates], dtype=torch.float32)
+        return rates
 
-    def _audio(self, audios: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Clips → log-mel windows, valid frames per window, and LLM tokens per clip."""
+    def _seconds_per_grid(self, fps, videos: int) -> torch.Tensor:
+        """Seconds each temporal patch of each video spans: temporal_patch_size / its frame rate `[videos]`."""
+        return torch.tensor([self.video_config.temporal_patch_size / r for r in self._rates(fps, videos)], dtype=torch.float32)
+
+    def _patch_times(self, fps, frames: list[int]) -> list[list[float]]:
+        """Qwen3-VL: each video's temporal patches' times in seconds, the mean of their first and last frame's
+        (frame i at i / fps; a last patch short of frames repeats the last frame, as the pixels do)."""
+        tp = self.video_config.temporal_patch_size
+        out = []
+        for n, rate in zip(frames, self._rates(fps, len(frames))):
+            last = lambda i: min(i, n - 1)  # noqa: E731
+            out.append([(last(k) + last(k + tp - 1)) / 2 / rate for k in range(0, n, tp)])
+        return out
+
+    def _audio(self, audios: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Clips → log-mel windows, valid frames per window, and each clip's placeholder expansion."""
         cfg = self.config
         if cfg is None or cfg.audio is None:
             raise ValueError("audio was given but this model has no audio encoder (load it with qva.load(..., whisper=PATH))")
@@ -216,18 +250,19 @@ class Processor:
             f, v = log_mel(w, cfg.audio.num_mel_bins)
             feats.append(f)
             valid.append(v)
-            per_clip.append(sum(audio_token_count(n, cfg.audio_frames, cfg.audio_pool) for n in v.tolist()))
+            per_clip.append(AUDIO_PAD * sum(audio_token_count(n, cfg.audio_frames, cfg.audio_pool) for n in v.tolist()))
         return torch.cat(feats), torch.cat(valid), per_clip
 
     @staticmethod
-    def _expand(text: str, counts: dict[str, list[int]]) -> str:
-        """Repeat each placeholder once per feature row, consuming (popping) the per-item counts in order."""
+    def _expand(text: str, counts: dict[str, list[str]]) -> str:
+        """Replace each placeholder by its item's expansion (the pad once per feature row), consuming (popping)
+        the per-item expansions in order."""
         for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD), ("audio", AUDIO_PAD)):
             if kind not in counts:
                 continue
             pieces = text.split(pad)
             it = counts[kind]
-            text = pieces[0] + "".join(pad * it.pop(0) + rest for rest in pieces[1:])
+            text = pieces[0] + "".join(it.pop(0) + rest for rest in pieces[1:])
         return text
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

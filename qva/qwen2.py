@@ -1,8 +1,12 @@
-"""The Qwen2 language model with M-RoPE: GQA attention with qkv bias, RMSNorm, SwiGLU MLP.
+"""The Qwen2 language model with M-RoPE: GQA attention with qkv bias, RMSNorm, SwiGLU MLP — and its Qwen3 variant.
 
 embeddings `[B, S, D]` + 3-axis position ids `[3, B, S]` → decoder layers → final RMSNorm → `[B, S, D]`.
 Module names follow the checkpoints (`embed_tokens`, `layers.{i}.self_attn.{q,k,v,o}_proj`,
 `layers.{i}.mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`).
+
+Qwen3 (Qwen3-VL's LLM, `TextConfig.qk_norm`): no q/k/v bias, an RMSNorm over each query and key head
+(`self_attn.{q,k}_norm`, before the rotary), an explicit head_dim, interleaved M-RoPE; and DeepStack: the
+outputs of the first layers get vision features added at the visual positions (`merge.DeepStack`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from .kv_cache import KVCache, LayerCache
 from .linear import Linear, large_matmul_dtype
+from .merge import DeepStack
 from .mrope import apply_rotary, mrope_cos_sin
 from .qwen2vl_config import TextConfig
 
@@ -38,10 +43,15 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = Linear(d, self.heads * hd)
-        self.k_proj = Linear(d, self.kv_heads * hd)
-        self.v_proj = Linear(d, self.kv_heads * hd)
+        bias = not cfg.qk_norm  # Qwen2: q/k/v bias; Qwen3: none, an RMSNorm per head instead
+        self.q_proj = Linear(d, self.heads * hd, bias=bias)
+        self.k_proj = Linear(d, self.kv_heads * hd, bias=bias)
+        self.v_proj = Linear(d, self.kv_heads * hd, bias=bias)
         self.o_proj = Linear(self.heads * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, visible, cache: LayerCache | None = None, slots=None) -> torch.Tensor:
         """x `[B, S, D]` → `[B, S, D]`. `visible` `[B, 1, S, kv_len]` (True: may attend) or None (causal); with this
@@ -49,6 +59,8 @@ class Attention(nn.Module):
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
         k = rearrange(self.k_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
         v = rearrange(self.v_proj(x), "b s (h e) -> b h s e", h=self.kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # attend over everything cached so far, this step included
             k, v = cache.update(slots, k, v, visible.shape[-1])
@@ -119,27 +131,32 @@ class Qwen2Model(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         visible: torch.Tensor | None = None,
+        deepstack: DeepStack | None = None,
     ) -> torch.Tensor:
         """embeds `[B, S, D]`, positions `[3, B, S]` → hidden `[B, S, D]`.
         Without a cache: causal attention over the S tokens (`attention_mask` `[B, S]` marks padding).
         With a cache: each layer is handed its own entry; the S tokens go to cache `slots` (`[S]`, or `[B, 1]`
         for one token per row) and attend to the cache's first `visible.shape[-1]` slots as `visible`
-        `[B, 1, S, kv_len]` allows.
+        `[B, 1, S, kv_len]` allows. `deepstack` (Qwen3-VL, a prompt with images or videos): rows added to the
+        outputs of layers 0, 1, … at the visual positions.
         """
         cfg = self.config
         stored = self.embed_tokens.weight.dtype
         # prefill (many rows) may run in fp32 over half-precision weights; one-token decoding stays as stored
         dt = large_matmul_dtype(stored, inputs_embeds.device) if inputs_embeds.shape[1] > 1 else stored
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dt)
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dt, cfg.mrope_interleaved)
         x = inputs_embeds.to(dt)
+        taps = len(deepstack.taps) if deepstack is not None else 0
         if cache is not None:
-            for layer, entry in zip(self.layers, cache.layers):
+            for i, (layer, entry) in enumerate(zip(self.layers, cache.layers)):
                 x = layer(x, cos, sin, visible, entry, slots)
+                x = deepstack.add(x, i) if i < taps else x
             return self.norm(x)
         visible = None if attention_mask is None else causal_padding_mask(attention_mask)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.checkpoint_layers and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, visible, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, visible)
+            x = deepstack.add(x, i) if i < taps else x
         return self.norm(x)

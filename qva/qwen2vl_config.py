@@ -1,10 +1,15 @@
-"""Qwen2-VL and Qwen2.5-VL configuration (plus the optional Whisper graft), read from either `config.json` layout.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL configuration (plus the optional Whisper graft), read from either `config.json` layout.
 
-The family is read once, here, from `model_type`: `qwen2_vl` or `qwen2_5_vl` (`Qwen2VLConfig.family`). Both
-have the same Qwen2 LLM with M-RoPE; Qwen2.5-VL's vision tower differs (RMSNorm + SwiGLU blocks, window
-attention but in `fullatt_block_indexes`, `out_hidden_size`; `qwen2_5_vision.py`) and its video positions
-follow absolute time (`tokens_per_second`). Its vision_config names the tower's width `hidden_size` (Qwen2-VL:
+The family is read once, here, from `model_type`: `qwen2_vl`, `qwen2_5_vl` or `qwen3_vl` (`Qwen2VLConfig.family`).
+Qwen2-VL and Qwen2.5-VL have the same Qwen2 LLM with M-RoPE; Qwen2.5-VL's vision tower differs (RMSNorm + SwiGLU
+blocks, window attention but in `fullatt_block_indexes`, `out_hidden_size`; `qwen2_5_vision.py`) and its video
+positions follow absolute time (`tokens_per_second`). Qwen3-VL's LLM is Qwen3 (q/k RMSNorm, no q/k/v bias, an
+explicit `head_dim`, interleaved M-RoPE: `TextConfig.qk_norm`, `.mrope_interleaved`); its tower (`qwen3_vision.py`)
+has 16-pixel patches, a learned position table (`num_position_embeddings`) and DeepStack taps
+(`deepstack_visual_indexes`). From Qwen2.5-VL on, vision_config names the tower's width `hidden_size` (Qwen2-VL:
 `embed_dim`) and the LLM's `out_hidden_size` (Qwen2-VL: `hidden_size`); `VisionConfig` keeps Qwen2-VL's names.
+Qwen3-VL's files are nested (`text_config`, `vision_config`) and name the tensors `model.language_model.*`,
+`model.visual.*` (`CHECKPOINT_PREFIXES`: the module tree keeps one set of names for all three families).
 
 The Hub's checkpoints use the flat v4 layout (LLM fields at top level, `rope_scaling.mrope_section`,
 `vision_config.in_chans`); transformers 5 writes a nested one (`text_config` with `rope_parameters`,
@@ -21,13 +26,34 @@ from weights_loader import CheckpointError, Fields, read_config
 
 from .whisper_encoder import WhisperEncoderConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+# (qva's module prefix, transformers 5's): Qwen3-VL's files, and PEFT adapters on transformers 5, use the latter
+TRANSFORMERS5_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."))
+CHECKPOINT_PREFIXES = {"qwen3_vl": TRANSFORMERS5_PREFIXES}  # families whose checkpoints name tensors so
+
+
+def file_name(name: str, family: str) -> str:
+    """qva's tensor name → the name in the family's checkpoint files."""
+    for ours, theirs in CHECKPOINT_PREFIXES.get(family, ()):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def module_name(name: str, family: str) -> str:
+    """A tensor name in the family's checkpoint files → qva's."""
+    for ours, theirs in CHECKPOINT_PREFIXES.get(family, ()):
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
 AUDIO_FRAMES = ("valid", "full")
 AUDIO_TOKEN_IDS = {"audio_start_token_id": 151657, "audio_end_token_id": 151658, "audio_token_id": 151659}
 # the first ids after each family's released tokenizer (Qwen2-VL's ends at 151656, Qwen2.5-VL's at 151664 with
-# <tool_call> … <|file_sep|>): where the processor adds the audio tokens, inside the embedding's spare rows
-FIRST_FREE_ID = {"qwen2_vl": 151657, "qwen2_5_vl": 151665}
+# <tool_call> … <|file_sep|>, Qwen3-VL's at 151668 with <think> </think>): where the processor adds the audio
+# tokens, inside the embedding's spare rows
+FIRST_FREE_ID = {"qwen2_vl": 151657, "qwen2_5_vl": 151665, "qwen3_vl": 151669}
 # what a graft's config.json names as its architecture: the vLLM plugin (qva/vllm/) registers it; a plain Qwen2-VL
 # keeps Qwen2VLForConditionalGeneration, so stock engines still load it
 GRAFT_ARCHITECTURE = "QVAForConditionalGeneration"
@@ -51,6 +77,9 @@ class VisionConfig:
     window_size: int | None = None  # pixels: windows of window_size / patch_size patches a side
     fullatt_block_indexes: list[int] = field(default_factory=list)  # blocks with full (per-frame) attention
     tokens_per_second: float | None = None  # video temporal position ids per second
+    # Qwen3-VL only: learned position table (a square grid, interpolated to each image) and DeepStack taps
+    num_position_embeddings: int | None = None
+    deepstack_visual_indexes: list[int] = field(default_factory=list)  # blocks whose output feeds LLM layers 0, 1, …
 
     @property
     def head_dim(self) -> int:
@@ -74,10 +103,13 @@ class TextConfig:
     mrope_section: list[int]
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
+    head_dim: int | None = None  # None: hidden_size / heads (Qwen2); Qwen3 states it
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query/key head, no q/k/v bias
+    mrope_interleaved: bool = False  # Qwen3-VL: frequencies take axes t, h, w in turn (not in contiguous chunks)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -85,7 +117,7 @@ class Qwen2VLConfig:
     text: TextConfig
     vision: VisionConfig
     tie_word_embeddings: bool
-    family: str = "qwen2_vl"  # model_type: "qwen2_vl" | "qwen2_5_vl"
+    family: str = "qwen2_vl"  # model_type: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
@@ -130,10 +162,16 @@ class Qwen2VLConfig:
             raise CheckpointError(f"{source}: missing rope_theta (top level, or in rope_parameters)")
         if t.bool("use_sliding_window", False):
             raise CheckpointError(f"{source}: use_sliding_window=true is not supported (no Qwen2-VL checkpoint uses it)")
+        qwen3 = model_type == "qwen3_vl"
         hidden, heads = t.int("hidden_size"), t.int("num_attention_heads")
         kv_heads = t.int("num_key_value_heads", heads)
-        if hidden % heads or (hidden // heads) % 2:
+        head_dim = t.int("head_dim") if qwen3 else None
+        if qwen3 and head_dim % 2:
+            raise t.error("head_dim", f"must be even (rotary pairs), got {head_dim}")
+        if not qwen3 and (hidden % heads or (hidden // heads) % 2):
             raise t.error("num_attention_heads", f"must divide hidden_size {hidden} into an even head_dim, got {heads}")
+        if qwen3 and t.bool("attention_bias", False):
+            raise t.error("attention_bias", "true is not supported (no Qwen3-VL checkpoint uses it)")
         if heads % kv_heads:
             raise t.error("num_key_value_heads", f"must divide num_attention_heads {heads}, got {kv_heads}")
         text = TextConfig(
@@ -148,6 +186,7 @@ class Qwen2VLConfig:
             mrope_section=rope.ints("mrope_section", length=3),
             max_position_embeddings=t.int("max_position_embeddings"),
             hidden_act=t.str("hidden_act", "silu", choices=("silu",)),
+            head_dim=head_dim, qk_norm=qwen3, mrope_interleaved=rope.bool("mrope_interleaved", False),
         )
         if 2 * sum(text.mrope_section) != text.head_dim:
             raise rope.error("mrope_section", f"{text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}")
@@ -176,15 +215,24 @@ class Qwen2VLConfig:
         return cls.from_dict(read_config(path, "Qwen2-VL"), str(Path(path) / "config.json"))
 
     def to_dict(self) -> dict:
-        """Flat Hub (v4) layout, which both qva and transformers read."""
+        """The family's Hub layout, which both qva and transformers read: flat (v4) for Qwen2-VL and Qwen2.5-VL,
+        nested (`text_config` with `rope_parameters`) for Qwen3-VL."""
         t, v = self.text, self.vision
         out = dict(self.raw)
-        for k in ("text_config", "rope_parameters"):
-            out.pop(k, None)
-        out.update({k: val for k, val in asdict(t).items() if k != "mrope_section"})
+        qwen2_text = {k: val for k, val in asdict(t).items() if k not in ("mrope_section", "head_dim", "qk_norm", "mrope_interleaved")}
+        if self.family == "qwen3_vl":
+            text = {k: val for k, val in (out.get("text_config") or {}).items() if k not in ("rope_scaling", "rope_theta")}
+            text.update(qwen2_text, model_type="qwen3_vl_text", head_dim=t.head_dim, attention_bias=False,
+                        tie_word_embeddings=self.tie_word_embeddings,
+                        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": t.mrope_section,
+                                         "mrope_interleaved": t.mrope_interleaved})
+            out["text_config"] = text
+        else:
+            for k in ("text_config", "rope_parameters"):
+                out.pop(k, None)
+            out.update(qwen2_text, rope_scaling={"type": "mrope", "mrope_section": t.mrope_section})
         out.update(
             model_type=self.family, architectures=[GRAFT_ARCHITECTURE if self.audio is not None else ARCHITECTURES[self.family]],
-            rope_scaling={"type": "mrope", "mrope_section": t.mrope_section},
             tie_word_embeddings=self.tie_word_embeddings, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
@@ -205,12 +253,14 @@ class Qwen2VLConfig:
 
 def read_vision(v: Fields, model_type: str, text: TextConfig) -> VisionConfig:
     """The vision tower's fields in either family's names (see the module docstring)."""
-    qwen25 = model_type == "qwen2_5_vl"
-    width = "hidden_size" if qwen25 else "embed_dim"
+    newer = model_type in ("qwen2_5_vl", "qwen3_vl")  # the names Qwen2.5-VL introduced
+    width = "hidden_size" if newer else "embed_dim"
     embed, vheads = v.int(width), v.int("num_heads")
     if embed % vheads or (embed // vheads) % 4:
         raise v.error("num_heads", f"must divide {width} {embed} into a head_dim divisible by 4 (2-D rotary), got {vheads}")
-    out_key = "out_hidden_size" if qwen25 else "hidden_size"
+    out_key = "out_hidden_size" if newer else "hidden_size"
+    acts = {"qwen2_vl": ("quick_gelu", ("quick_gelu", "gelu")), "qwen2_5_vl": ("silu", ("silu",)),
+            "qwen3_vl": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh",))}[model_type]
     vision = VisionConfig(
         depth=v.int("depth"),
         embed_dim=embed,
@@ -221,31 +271,49 @@ def read_vision(v: Fields, model_type: str, text: TextConfig) -> VisionConfig:
         patch_size=v.int("patch_size") if "patch_size" in v else v.int("spatial_patch_size", 14),
         spatial_merge_size=v.int("spatial_merge_size", 2),
         temporal_patch_size=v.int("temporal_patch_size", 2),
-        hidden_act=v.str("hidden_act", "silu", choices=("silu",)) if qwen25 else v.str("hidden_act", "quick_gelu", choices=("quick_gelu", "gelu")),
+        hidden_act=v.str("hidden_act", acts[0], choices=acts[1]),
         rope_theta=v.sub("rope_parameters").float("rope_theta", 10000.0) if v.data.get("rope_parameters") is not None else 10000.0,
     )
-    if qwen25:
+    if newer:
         vision.intermediate_size = v.int("intermediate_size")
+    if model_type == "qwen2_5_vl":
         vision.window_size = v.int("window_size")
         vision.fullatt_block_indexes = v.ints("fullatt_block_indexes")
         vision.tokens_per_second = v.number("tokens_per_second")
         cell = vision.patch_size * vision.spatial_merge_size
         if vision.window_size % cell:
             raise v.error("window_size", f"must be a multiple of patch_size × spatial_merge_size = {cell}, got {vision.window_size}")
-        bad = [i for i in vision.fullatt_block_indexes if not 0 <= i < vision.depth]
-        if bad:
-            raise v.error("fullatt_block_indexes", f"{bad} are not blocks of a depth-{vision.depth} tower")
+        check_blocks(v, "fullatt_block_indexes", vision.fullatt_block_indexes, vision.depth)
+    if model_type == "qwen3_vl":
+        vision.num_position_embeddings = v.int("num_position_embeddings", minimum=1)
+        if round(vision.num_position_embeddings**0.5) ** 2 != vision.num_position_embeddings:
+            raise v.error("num_position_embeddings", f"must be a square (a side × side grid), got {vision.num_position_embeddings}")
+        vision.deepstack_visual_indexes = v.ints("deepstack_visual_indexes")
+        check_blocks(v, "deepstack_visual_indexes", vision.deepstack_visual_indexes, vision.depth)
+        if len(vision.deepstack_visual_indexes) > text.num_hidden_layers:
+            raise v.error("deepstack_visual_indexes", f"{len(vision.deepstack_visual_indexes)} taps for {text.num_hidden_layers} LLM layers")
     if vision.hidden_size != text.hidden_size:
         raise v.error(out_key, f"{vision.hidden_size} must equal the LLM's hidden_size {text.hidden_size}")
     return vision
 
 
+def check_blocks(v: Fields, key: str, blocks: list[int], depth: int) -> None:
+    bad = [i for i in blocks if not 0 <= i < depth]
+    if bad:
+        raise v.error(key, f"{bad} are not blocks of a depth-{depth} tower")
+
+
 def vision_dict(v: VisionConfig, family: str) -> dict:
-    """`vision_config` in the family's Hub names (`in_chans`, as the Hub files say)."""
+    """`vision_config` in the family's Hub names (`in_chans`, as the Hub files say; Qwen3-VL: `in_channels`)."""
     common = dict(patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
                   hidden_act=v.hidden_act, in_chans=v.in_channels)
+    newer = dict(depth=v.depth, hidden_size=v.embed_dim, out_hidden_size=v.hidden_size, num_heads=v.num_heads,
+                 intermediate_size=v.intermediate_size)
     if family == "qwen2_5_vl":
-        return dict(depth=v.depth, hidden_size=v.embed_dim, out_hidden_size=v.hidden_size, num_heads=v.num_heads,
-                    intermediate_size=v.intermediate_size, **common, window_size=v.window_size,
+        return dict(**newer, **common, window_size=v.window_size,
                     fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second)
+    if family == "qwen3_vl":
+        common["in_channels"] = common.pop("in_chans")
+        return dict(model_type="qwen3_vl_vision", **newer, **common, num_position_embeddings=v.num_position_embeddings,
+                    deepstack_visual_indexes=list(v.deepstack_visual_indexes))
     return dict(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, **common)

@@ -29,16 +29,18 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = (2, 14, 14) and no bias, applied to pre-cut patches: a Linear."""
+    """Conv3d with kernel = stride = (2, patch, patch), applied to pre-cut patches: a Linear. No bias but
+    in Qwen3-VL (`bias=True`)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, bias: bool = False):
         super().__init__()
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)  # checkpoint shape
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=bias)  # checkpoint shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 1176] → [N, embed], in x's dtype
-        w = self.proj.weight
-        return matmul(x, rearrange(w, "e c t h w -> e (c t h w)"))
+        w, b = self.proj.weight, self.proj.bias
+        y = matmul(x, rearrange(w, "e c t h w -> e (c t h w)"))
+        return y if b is None else y + b.to(y.dtype)
 
 
 class VisionAttention(nn.Module):

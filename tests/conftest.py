@@ -95,16 +95,36 @@ def tiny_qwen2_5_vl_config(tie: bool = True, layers: int = 2, vocab: int = 15193
     )
 
 
-def tiny_qwen2vl(seed: int = 0, tie: bool = True, family: str = "qwen2_vl", **kw):
-    """A transformers Qwen2-VL (or, with `family="qwen2_5_vl"`, Qwen2.5-VL) ForConditionalGeneration with large
-    random weights (std 0.1, norms ≠ 1)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+def tiny_qwen3_vl_config(tie: bool = True, layers: int = 2, vocab: int = 151936):
+    """A transformers Qwen3VLConfig with real structure at a tiny width: 16-pixel patches, a 4 × 4 position table
+    (every image interpolated), 3 blocks of which blocks 0 and 2 are DeepStack taps into LLM layers 0 and 1; the
+    LLM Qwen3 with q/k norms, head_dim 32 ≠ hidden / heads, interleaved M-RoPE [6, 5, 5]."""
+    from transformers import Qwen3VLConfig
 
+    return Qwen3VLConfig(
+        vision_config=dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=128, out_hidden_size=64, patch_size=16,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 2]),
+        text_config=dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=tie,
+            rope_parameters={"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True, "rope_theta": 1e4},
+        ),
+        tie_word_embeddings=tie,
+    )
+
+
+FAMILY_CONFIGS = {"qwen2_vl": tiny_qwen2vl_config, "qwen2_5_vl": tiny_qwen2_5_vl_config, "qwen3_vl": tiny_qwen3_vl_config}
+
+
+def tiny_qwen2vl(seed: int = 0, tie: bool = True, family: str = "qwen2_vl", **kw):
+    """A transformers Qwen2-VL (or, with `family="qwen2_5_vl"` / `"qwen3_vl"`, Qwen2.5-VL / Qwen3-VL)
+    ForConditionalGeneration with large random weights (std 0.1, norms ≠ 1)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+               "qwen3_vl": Qwen3VLForConditionalGeneration}
     torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tie, **kw))
-    else:
-        model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tie, **kw))
+    model = classes[family](FAMILY_CONFIGS[family](tie, **kw))
     model = perturb_(model, seed)
     if tie:
         model.tie_weights()
@@ -173,9 +193,35 @@ def prompt(*parts) -> list[int]:
     return ids + [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
 
 
-def pixels(grids: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pixels(grids: list[list[int]], seed: int = 0, patch_dim: int = 1176) -> tuple[torch.Tensor, torch.Tensor]:
     n = sum(t * h * w for t, h, w in grids)
-    return torch.randn(n, 1176, generator=torch.Generator().manual_seed(seed)), torch.tensor(grids)
+    return torch.randn(n, patch_dim, generator=torch.Generator().manual_seed(seed)), torch.tensor(grids)
+
+
+# -- logits parity against a transformers Qwen VL of any family -------------------------------------------------------
+PARITY_TOL = 1e-4  # fp32, relative to the logits' scale
+
+
+def types_of(ids: torch.Tensor) -> torch.Tensor:
+    """transformers' `mm_token_type_ids`: 1 at image placeholders, 2 at video ones."""
+    return (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()
+
+
+def reference_logits(ref, input_ids, attention_mask=None, **media):
+    with torch.no_grad():
+        return ref(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types_of(input_ids), **media).logits
+
+
+def assert_parity(ours, ref, input_ids, attention_mask=None, **media) -> float:
+    """qva's logits equal transformers' within PARITY_TOL over the real (unpadded) positions, and are not small."""
+    with torch.no_grad():
+        got = ours(input_ids, attention_mask=attention_mask, **media).logits
+    want = reference_logits(ref, input_ids, attention_mask, **media)
+    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    err = (got - want)[keep].abs().max().item() / max(1.0, want[keep].abs().max().item())
+    assert err <= PARITY_TOL, err
+    assert want[keep].abs().max() > 1.0  # not a comparison of near-zero logits
+    return err
 
 
 def speechlike(seconds: float, seed: int) -> torch.Tensor:
@@ -230,6 +276,13 @@ class Reference:
         """Logits `[B, S, V]`, recording gradients (for training parity)."""
         model = self.qwen
         embeds = model.get_input_embeddings()(ids)
+        types = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()  # audio tokens are text (type 0)
+        if model.config.model_type == "qwen3_vl":  # DeepStack needs the vision inputs given to transformers itself
+            if feats is not None:
+                embeds = embeds.masked_scatter((ids == audio_pad)[..., None], self.audio_rows(feats, valid))
+            pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, video_grid_thw, attention_mask=mask)
+            return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, pixel_values=pixel_values,
+                         image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw).logits
         if pixel_values is not None:
             img = model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
             img = torch.cat(img) if isinstance(img, (list, tuple)) else img
@@ -240,7 +293,6 @@ class Reference:
             embeds = embeds.masked_scatter((ids == VIDEO_PAD)[..., None], vid)
         if feats is not None:
             embeds = embeds.masked_scatter((ids == audio_pad)[..., None], self.audio_rows(feats, valid))
-        types = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()  # audio tokens are text (type 0)
         extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
         pos, _ = model.model.get_rope_index(ids, types, image_grid_thw, video_grid_thw, attention_mask=mask, **extra)
         return model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits

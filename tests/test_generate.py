@@ -79,7 +79,7 @@ def test_wrong_decode_positions_are_caught(pair, monkeypatch):
     ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 4, 6]), 3838, 374)])
     right = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=N, eos_token_id=[])
     embed = ours.embed_inputs
-    monkeypatch.setattr(ours, "embed_inputs", lambda *a, **k: (lambda e, p, d: (e, p, d + 3))(*embed(*a, **k)))
+    monkeypatch.setattr(ours, "embed_inputs", lambda *a, **k: (lambda e, p, d, s: (e, p, d + 3, s))(*embed(*a, **k)))
     wrong = ours.generate(input_ids=ids, pixel_values=px, image_grid_thw=grid, max_new_tokens=N, eos_token_id=[])
     assert wrong.tolist() != right.tolist()
 
@@ -138,7 +138,7 @@ def test_compiled_bf16_decode_close_to_eager(tmp_path):
     def first_step(model, compile):
         dtype = model.lm_head.weight.dtype
         with torch.inference_mode():
-            embeds, positions, _ = model.embed_inputs(ids)
+            embeds, positions, _, _ = model.embed_inputs(ids)
             cache = KVCache(2, 2, 2, 16, 128, dtype)
             model.model(embeds, positions, cache=cache, slots=torch.arange(9), visible=torch.ones(2, 1, 9, 9, dtype=torch.bool).tril())
             step = Decoder(model, cache, compile=compile)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import (
     IMAGE_PAD,
+    PARITY_TOL,
     QWEN_TOKENIZER,
     VIDEO_PAD,
     Reference,
     ServeProcess,
+    assert_parity,
     audio_block,
     http,
     left_padded,
@@ -24,11 +26,13 @@ from conftest import (
     pixels,
     prompt,
     reference_features,
+    reference_logits,
     rel_l2,
     speechlike,
     tiny_hf_whisper,
     tiny_qwen2vl,
     train_config,
+    types_of,
     vision_block,
     write_hub_layout,
 )
@@ -39,29 +43,9 @@ from qva.audio import log_mel
 from qva.linear import QUANTIZED_LINEARS
 from qva.qwen2vl_config import FIRST_FREE_ID
 
-TOL = 1e-4
+TOL = PARITY_TOL
 AUDIO_START_25, AUDIO_END_25, AUDIO_PAD_25 = 151665, 151666, 151667  # after Qwen2.5-VL's tokenizer (ends at 151664)
 QWEN25_EXTRA = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
-
-
-def types_of(ids):
-    return (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()
-
-
-def reference_logits(ref, input_ids, attention_mask=None, **media):
-    with torch.no_grad():
-        return ref(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types_of(input_ids), **media).logits
-
-
-def assert_parity(ours, ref, input_ids, attention_mask=None, **media) -> float:
-    with torch.no_grad():
-        got = ours(input_ids, attention_mask=attention_mask, **media).logits
-    want = reference_logits(ref, input_ids, attention_mask, **media)
-    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    err = (got - want)[keep].abs().max().item() / max(1.0, want[keep].abs().max().item())
-    assert err <= TOL, err
-    assert want[keep].abs().max() > 1.0  # not a comparison of near-zero logits
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -203,6 +203,18 @@ class Checkpoint:
             raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
         self._index_map = weight_map
         return [index.parent / s for s in shards]
+
+    def rename(self, to_module: Callable[[str], str]) -> "Checkpoint":
+        """List every tensor under the name `to_module(stored name)` from now on (a family whose files name
+        tensors other than the module tree does: Qwen3-VL's `model.language_model.*`). Returns self."""
+        renamed: dict[str, TensorInfo] = {}
+        for name, info in self.tensors.items():
+            new = to_module(name)
+            if new in renamed:
+                raise CheckpointError(f"{self.path}: tensors {name!r} and another both read as {new!r}")
+            renamed[new] = info
+        self.tensors = renamed
+        return self
 
     # -- listing, no data read --------------------------------------------------------------------
     def names(self, prefix: str = "") -> list[str]:

@@ -391,7 +391,7 @@ def train_dirs(tmp_path_factory):
     return make_train_dirs(tmp_path_factory.mktemp("train"))
 
 
-@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def family_train_dirs(request, tmp_path_factory):
     """`train_dirs` for each base family (the same tokenizer, Whisper and manifest)."""
     return make_train_dirs(tmp_path_factory.mktemp(f"train-{request.param}"), request.param)
@@ -407,7 +407,11 @@ def make_train_dirs(root: Path, family: str = "qwen2_vl"):
     qwen = tiny_qwen2vl(seed=3, tie=True, family=family).eval()
     qwen.save_pretrained(root / "qwen")
     (root / "qwen" / "tokenizer.json").write_text(demo_tokenizer().to_str())
-    (root / "qwen" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 64}))
+    pre = {"min_pixels": 3136, "max_pixels": 28 * 28 * 64}
+    if family == "qwen3_vl":  # 16-pixel patches, mean/std 0.5, bounds in the Hub's `size` form
+        pre = {"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}, "patch_size": 16, "image_mean": [0.5] * 3,
+               "image_std": [0.5] * 3}
+    (root / "qwen" / "preprocessor_config.json").write_text(json.dumps(pre))
     whisper = tiny_hf_whisper(seed=4)
     whisper.save_pretrained(root / "whisper")
     (root / "clips").mkdir()

@@ -6,7 +6,6 @@ layout, save / reload, and the processor's time and audio tokens."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -16,22 +15,17 @@ from conftest import (
     QWEN_TOKENIZER,
     VIDEO_PAD,
     Reference,
-    ServeProcess,
     assert_parity,
     audio_block,
-    http,
     left_padded,
-    make_train_dirs,
     need_shared,
     pixels,
     prompt,
     reference_features,
     reference_logits,
-    rel_l2,
     speechlike,
     tiny_hf_whisper,
     tiny_qwen2vl,
-    train_config,
     types_of,
     vision_block,
     write_hub_layout,
@@ -40,7 +34,6 @@ from conftest import (
 import qva
 from qva import qwen2_5_vision
 from qva.audio import log_mel
-from qva.linear import QUANTIZED_LINEARS
 from qva.qwen2vl_config import FIRST_FREE_ID
 
 TOL = PARITY_TOL
@@ -292,84 +285,3 @@ def test_processor_time_and_audio_tokens(pair, whisper_dir, tmp_path):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     again = qva.load(tmp_path / "graft")
     assert again.processor.audio_token_id == AUDIO_PAD_25 and again.processor.token_id("<tool_call>") == 151657
-
-
-# -- every path that works for Qwen2-VL: quantized, qva-generate, qva-serve, qva-train ------------------------------
-@pytest.fixture(scope="module")
-def dirs25(tmp_path_factory):
-    """A tiny Qwen2.5-VL with the demo tokenizer, a tiny Whisper and a small manifest (conftest.make_train_dirs)."""
-    return make_train_dirs(tmp_path_factory.mktemp("train25"), "qwen2_5_vl")
-
-
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.05), ("int4", 0.5), ("nf4", 0.5)])
-def test_quantized(dirs25, tmp_path, fmt, bound):
-    _, qwen, _, whisper, _ = dirs25
-    modules = ("llm", "vision", "whisper")
-    ref = qva.load(qwen, whisper=whisper)
-    model = qva.load(qwen, whisper=whisper, quantize=fmt, quantize_modules=modules, group_size=32)
-    kind = QUANTIZED_LINEARS[fmt]
-    for stack in (model.visual, model.model.layers):  # the Qwen2.5-VL tower too (int4: the shapes it packs)
-        assert any(isinstance(m, kind) for m in stack.modules())
-    px, grid = pixels([[1, 10, 14]], seed=10)
-    ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 10, 14]), 3838, 374)])
-    with torch.no_grad():
-        want, got = ref(ids, pixel_values=px, image_grid_thw=grid).logits, model(ids, pixel_values=px, image_grid_thw=grid).logits
-    assert 0 < rel_l2(got, want) < bound
-    qva.save(model, tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(qva.load(tmp_path / "q")(ids, pixel_values=px, image_grid_thw=grid).logits, got)
-
-
-def test_qva_generate(dirs25, tmp_path, capsys):
-    from PIL import Image
-
-    from qva.cli import main
-
-    _, qwen, _, whisper, manifest = dirs25
-    Image.new("RGB", (150, 230), (40, 90, 160)).save(tmp_path / "a.png")
-    code = main(["--model", str(qwen), "--whisper", str(whisper), "--image", str(tmp_path / "a.png"),
-                 "--audio", str(manifest.parent / "clips" / "3.wav"), "--prompt", "What is said?", "--max-new-tokens", "3"])
-    assert code == 0 and capsys.readouterr().out.strip()
-
-
-def test_qva_serve_answers_as_generate_does(dirs25, tmp_path):
-    import base64
-    import io
-
-    from PIL import Image
-
-    _, qwen, _, whisper, manifest = dirs25
-    png = io.BytesIO()
-    Image.new("RGB", (150, 230), (40, 90, 160)).save(png, format="PNG")
-    wav = (manifest.parent / "clips" / "3.wav").read_bytes()
-    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
-               {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
-               {"type": "text", "text": "What is said?"}]
-    srv = ServeProcess("--model", str(qwen), "--whisper", str(whisper), "--dtype", "fp32", "--served-model-name", "qva")
-    try:
-        status, body = http(srv.base + "/v1/chat/completions", {"model": "qva", "max_tokens": 4, "temperature": 0,
-                                                               "messages": [{"role": "user", "content": content}]})
-    finally:
-        srv.stop()
-    assert status == 200, body
-    served = json.loads(body)["choices"][0]["message"]["content"]
-    model = qva.load(qwen, whisper=whisper)
-    offline = [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(png.getvalue()))},
-                                            {"type": "audio", "audio": qva.load_audio(wav)}, {"type": "text", "text": "What is said?"}]}]
-    inputs = model.processor.apply_chat_template(offline, add_generation_prompt=True, tokenize=True)
-    out = model.generate(**inputs, max_new_tokens=4)
-    assert served == model.processor.decode(out[0, inputs["input_ids"].shape[1]:])
-
-
-@pytest.mark.parametrize("stage,extra", [("1", {}), ("2", {}), ("2", {"qlora": True}), ("lm", {})],
-                         ids=["stage 1", "stage 2 LoRA", "stage 2 QLoRA", "stage lm"])
-def test_qva_train_stages(dirs25, tmp_path, stage, extra):
-    from qva.train.loop import train
-
-    _, qwen, _, whisper, _ = dirs25
-    cfg = train_config(dirs25, tmp_path, stage=stage, steps=2, whisper=str(whisper), **extra)  # lm: the LLM under audio
-    summary = train(cfg, quiet=True)
-    assert math.isfinite(summary["loss"])
-    model = qva.load(cfg.out)
-    assert model.config.family == "qwen2_5_vl" and type(model.visual).__name__ == "Qwen25VisionTransformer"
-    assert model.audio_encoder is not None

@@ -52,12 +52,13 @@ def test_two_processes_equal_one(train_dirs, single, tmp_path, mode):
     two_equal_one(train_dirs, single, tmp_path / mode, mode)
 
 
-def test_qwen2_5_vl_under_fsdp_equals_one_process(tmp_path_factory, tmp_path):
-    dirs = make_train_dirs(tmp_path_factory.mktemp("train25"), "qwen2_5_vl")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_newer_bases_under_fsdp_equal_one_process(tmp_path_factory, tmp_path, family):
+    dirs = make_train_dirs(tmp_path_factory.mktemp(f"train-{family}"), family)
     one = tmp_path / "one"
     run(dirs, one, "--steps", "4", "--batch-size", "1", "--grad-accum", "2")
     two_equal_one(dirs, one, tmp_path / "fsdp", "fsdp")
-    assert qva.load(tmp_path / "fsdp").config.family == "qwen2_5_vl"
+    assert qva.load(tmp_path / "fsdp").config.family == family
 
 
 def two_equal_one(train_dirs, single, out, mode):

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_audio import cached_turbo  # noqa: E402
-from bench_qwen2vl import cached_2b  # noqa: E402
+from bench_qwen2vl import REFERENCE, cached_2b, reference_class  # noqa: E402
 from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pair  # noqa: E402
 
 import qva  # noqa: E402
@@ -66,7 +66,7 @@ def checkpoints(args) -> tuple[Path, Path]:
     if args.size == "tiny":
         return (cached_checkpoint(args.workdir, "tiny-qwen2vl", write_tiny_qwen2vl),
                 cached_checkpoint(args.workdir, "tiny-whisper", write_tiny_whisper))
-    return cached_2b(args.workdir, args.layers, args.vision_layers), cached_turbo(args.workdir, args.whisper_layers)
+    return cached_2b(args.workdir, args.layers, args.vision_layers, args.family), cached_turbo(args.workdir, args.whisper_layers)
 
 
 def whisper_row(whisper: Path, dtype: torch.dtype, device: torch.device, repeats: int) -> tuple[float, float]:
@@ -89,11 +89,7 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
     """
     import numpy as np
     from PIL import Image
-    from transformers import (
-        Qwen2VLForConditionalGeneration,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-    )
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -103,7 +99,7 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
     from qva.image_processing import VisionPreprocessConfig, process_image
 
     ours = qva.load(ckpt, whisper=whisper, dtype=dtype, device=device)
-    ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ref = reference_class(args.family).from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
     ref_whisper = WhisperForConditionalGeneration.from_pretrained(whisper, dtype=dtype).model.encoder.to(device).eval()
     proj = torch.nn.Linear(ours.audio_projector.in_features, ours.audio_projector.out_features, bias=False).to(dtype)
@@ -113,10 +109,18 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
     wave = torch.from_numpy(np.random.default_rng(1).standard_normal(160_000).astype(np.float32) * 0.1)
     n_audio = audio_token_count(1000)  # 10 s → 500 tokens
-    ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 256 + [151653, 151657] + [151659] * n_audio
-                        + [151658, 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]], device=device)
-    vision_cfg = VisionPreprocessConfig(max_pixels=448 * 448)
-    img_proc, fe = Qwen2VLImageProcessorPil(max_pixels=448 * 448), WhisperFeatureExtractor(feature_size=n_mels)
+    c = ours.config
+    patch = c.vision.patch_size
+    ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * ((448 // patch) ** 2 // 4) + [151653, c.audio_start_token_id]
+                        + [c.audio_token_id] * n_audio + [c.audio_end_token_id, 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]],
+                       device=device)
+    if args.family == "qwen3_vl":  # 16-pixel patches, mean/std 0.5 (Qwen3-VL's preprocessor_config.json)
+        norm = dict(patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+        vision_cfg = VisionPreprocessConfig(max_pixels=448 * 448, **norm)
+        img_proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448}, **norm)
+    else:
+        vision_cfg, img_proc = VisionPreprocessConfig(max_pixels=448 * 448), Qwen2VLImageProcessorPil(max_pixels=448 * 448)
+    fe = WhisperFeatureExtractor(feature_size=n_mels)
 
     def run_qva():
         px, grid = process_image(image, vision_cfg)
@@ -128,7 +132,7 @@ def end_to_end(args, ckpt: Path, whisper: Path, dtype: torch.dtype, device: torc
         pix = img_proc(images=[image], return_tensors="pt")
         feats = fe(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_features.to(device, dtype)
         rows = proj(ref_whisper(feats).last_hidden_state[0, :n_audio])
-        slots = (ids == 151659)[..., None]
+        slots = (ids == c.audio_token_id)[..., None]
 
         def place_audio(module, inputs, out):
             return out.masked_scatter(slots, rows.to(out.dtype)) if out.shape[1] == ids.shape[1] else out
@@ -172,6 +176,8 @@ def decode_rows(args, ref, ours, device, g) -> tuple[list, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("2b", "tiny"), default="2b")
+    p.add_argument("--family", choices=tuple(REFERENCE), default="qwen2_vl",
+                   help="2b: the base's smallest Hub shapes (Qwen2-VL 2B, Qwen2.5-VL 3B, Qwen3-VL 2B) against its transformers class")
     p.add_argument("--layers", type=int, default=4, help="2b: LLM layers")
     p.add_argument("--vision-layers", type=int, default=2, help="2b: vision blocks")
     p.add_argument("--whisper-layers", type=int, default=2, help="2b: encoder layers of the turbo-shaped Whisper")
@@ -184,23 +190,23 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path("bench_results_generate.json"))
     args = p.parse_args()
 
-    from transformers import Qwen2VLForConditionalGeneration
-
+    if args.size == "tiny" and args.family != "qwen2_vl":
+        p.error("--family applies to --size 2b (the tiny demo checkpoint is a Qwen2-VL)")
+    ref_class = reference_class(args.family)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     ckpt, whisper = checkpoints(args)
     rows = []
     # each weight is read once after loading, so that pages a loader left mapped but untouched count as well
     touch = "\nfor t in m.state_dict().values(): t.sum()"
     cold = {
-        "transformers": cold_run("from transformers import Qwen2VLForConditionalGeneration",
-                                 f"m = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')"
-                                 + touch, ckpt),
+        "transformers": cold_run(f"from transformers import {REFERENCE[args.family]} as Ref",
+                                 f"m = Ref.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation='sdpa')" + touch, ckpt),
         "qva": cold_run("import qva", f"m = qva.load(PATH, dtype=torch.{dtype})" + touch, ckpt),
     }
     rows.append((f"cold load ({args.dtype})", cold["transformers"]["seconds"], cold["qva"]["seconds"]))
 
     def load_ref(dt):
-        ref = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dt, attn_implementation="sdpa").to(device).eval()
+        ref = ref_class.from_pretrained(ckpt, dtype=dt, attn_implementation="sdpa").to(device).eval()
         ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 151643
         return ref
 
@@ -209,8 +215,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         rows.append(("Whisper encoder, one 30 s window", *whisper_row(whisper, dtype, device, args.repeats)))
-        grid = torch.tensor([[1, 32, 32]])
-        px = torch.randn(1024, ours.config.vision.patch_dim, generator=g).to(device)
+        side = 448 // ours.config.vision.patch_size
+        grid = torch.tensor([[1, side, side]])
+        px = torch.randn(side * side, ours.config.vision.patch_dim, generator=g).to(device)
         rows.append(("vision tower, 448² image", *timed_pair(lambda: ref.model.visual(px, grid_thw=grid), lambda: ours.visual(px, grid), args.repeats)))
         ids = torch.randint(0, 150_000, (1, 512), generator=g).to(device)
         prefill = ("prefill, 512 tokens → next-token logits",
@@ -236,7 +243,7 @@ def main() -> None:
     print(f"prefill: transformers {512 / prefill[1]:.1f} tok/s, qva {512 / prefill[2]:.1f} tok/s")
     for w in ("transformers", "qva"):
         print(f"cold load peak RSS, {w:12s}: {cold[w]['peak_rss_over_base'] / 2**20:.0f} MiB")
-    args.json.write_text(json.dumps({"size": args.size, "dtype": args.dtype, "device": args.device, "layers": args.layers, "rows": rows_json(rows),
+    args.json.write_text(json.dumps({"size": args.size, "family": args.family, "dtype": args.dtype, "device": args.device, "layers": args.layers, "rows": rows_json(rows),
                                      "decode": decode, "bandwidth_Bps": bw, "bytes_per_token": per_token, "roofline_tok_s": roofline,
                                      "cold": cold}, indent=2))
     print(f"wrote {args.json}")

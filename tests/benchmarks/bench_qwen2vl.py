@@ -23,7 +23,7 @@ from common import cached_checkpoint, cold_run, print_table, rows_json, timed_pa
 
 import qva  # noqa: E402
 from qva.model import QVAModel  # noqa: E402
-from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
+from qva.qwen2vl_config import Qwen2VLConfig, file_name  # noqa: E402
 from weights_loader.writer import save_checkpoint  # noqa: E402
 
 HUB_2B = {  # Qwen2-VL-2B-Instruct's config.json (flat Hub layout)
@@ -39,24 +39,67 @@ HUB_2B = {  # Qwen2-VL-2B-Instruct's config.json (flat Hub layout)
 }
 
 
-def write_2b(folder: Path, layers: int, vision_layers: int) -> Path:
-    """Random bf16 weights with the 2B shapes (std 0.02, unit norms), Hub layout, 2 GB shards."""
-    config = json.loads(json.dumps(HUB_2B))
-    config["num_hidden_layers"] = layers
+HUB_3B_25 = {  # Qwen2.5-VL-3B-Instruct's config.json (flat Hub layout)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 11008, "max_position_embeddings": 128000, "num_attention_heads": 16,
+    "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+    "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+}
+HUB_2B_3 = {  # Qwen3-VL-2B-Instruct's config.json (nested Hub layout)
+    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "tie_word_embeddings": True,
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "text_config": {"attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                    "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
+                    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+                    "rope_theta": 5000000, "tie_word_embeddings": True, "vocab_size": 151936},
+    "vision_config": {"deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1024,
+                      "in_channels": 3, "intermediate_size": 4096, "model_type": "qwen3_vl", "num_heads": 16,
+                      "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2},
+}
+HUB = {"qwen2_vl": HUB_2B, "qwen2_5_vl": HUB_3B_25, "qwen3_vl": HUB_2B_3}  # the smallest Hub model of each family
+REFERENCE = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+             "qwen3_vl": "Qwen3VLForConditionalGeneration"}  # transformers' class, side by side
+
+
+def reference_class(family: str):
+    import transformers
+
+    return getattr(transformers, REFERENCE[family])
+
+
+def write_2b(folder: Path, layers: int, vision_layers: int, family: str = "qwen2_vl") -> Path:
+    """Random bf16 weights with the family's smallest Hub shapes (Qwen2-VL 2B, Qwen2.5-VL 3B, Qwen3-VL 2B; std 0.02,
+    unit norms), Hub layout and tensor names, 2 GB shards. Qwen3-VL keeps its DeepStack taps inside `vision_layers`."""
+    config = json.loads(json.dumps(HUB[family]))
+    text = config.get("text_config", config)
+    text["num_hidden_layers"] = layers
     config["vision_config"]["depth"] = vision_layers
+    if family == "qwen2_5_vl":
+        config["vision_config"]["fullatt_block_indexes"] = [vision_layers - 1]
+    if family == "qwen3_vl":
+        config["vision_config"]["deepstack_visual_indexes"] = list(range(min(vision_layers, layers, 3)))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in QVAModel(Qwen2VLConfig.from_dict(config)).state_dict().items() if k != "lm_head.weight"}
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for name, shape in shapes.items():
         norm = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight"))
-        tensors[name] = (torch.ones(shape) if norm else torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        tensors[file_name(name, family)] = (torch.ones(shape) if norm else torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
     return save_checkpoint(folder, tensors, config, max_shard_bytes=2 * 1024**3)
 
 
-def cached_2b(workdir: Path | None, layers: int, vision_layers: int) -> Path:
+def cached_2b(workdir: Path | None, layers: int, vision_layers: int, family: str = "qwen2_vl") -> Path:
     """`write_2b`'s checkpoint in `workdir`, written on first use (shared by the benchmark scripts)."""
-    return cached_checkpoint(workdir, f"qwen2vl-2b-{layers}L-{vision_layers}V", lambda f: write_2b(f, layers, vision_layers))
+    name = {"qwen2_vl": "qwen2vl-2b", "qwen2_5_vl": "qwen2_5vl-3b", "qwen3_vl": "qwen3vl-2b"}[family]
+    return cached_checkpoint(workdir, f"{name}-{layers}L-{vision_layers}V", lambda f: write_2b(f, layers, vision_layers, family))
 
 
 COLD_IMPORTS = {

@@ -4,7 +4,8 @@
                                            [--whisper ../shared/data/whisper-tiny.en] [--slice]
 
 No real Qwen2 weights exist here, so the recipe builds a small Qwen2-VL (hidden 256, 4 layers, the real
-151 936-token Qwen2 tokenizer, tied embeddings drawn at std 0.1 and kept frozen) and runs:
+151 936-token Qwen2 tokenizer, tied embeddings drawn at std 0.1 and kept frozen; `--family qwen3_vl`: the same
+sizes with Qwen3-VL's structure) and runs:
 
   lm      the LLM learns the text form of the task, "<|audio_start|>three zero seven one<|audio_end|>" + prompt
           → "3071", and the same laid out like the audio it will read later ("stretched": each word repeated
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qva.demo import randomize_  # noqa: E402
 from qva.linear import cpu_has_fast_half_matmul  # noqa: E402
 from qva.model import QVAModel  # noqa: E402
-from qva.qwen2vl_config import Qwen2VLConfig  # noqa: E402
+from qva.qwen2vl_config import Qwen2VLConfig, file_name  # noqa: E402
 from qva.train.loop import TrainConfig, train  # noqa: E402
 from weights_loader.writer import save_checkpoint  # noqa: E402
 
@@ -120,10 +121,13 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int) -> dict[s
     }
 
 
-def write_small_qwen2vl(folder: Path, p: dict, seed: int = 0) -> Path:
-    """A random small Qwen2-VL with the real tokenizer: std-0.02 linears, std-0.1 (tied) embeddings."""
+def write_small_base(folder: Path, p: dict, seed: int = 0, family: str = "qwen2_vl") -> Path:
+    """A random small Qwen2-VL (or Qwen3-VL: the Qwen3 LLM with q/k norms and interleaved M-RoPE, a one-block tower
+    with a DeepStack tap) with the real tokenizer: std-0.02 linears, std-0.1 (tied) embeddings."""
     half = p["hidden"] // p["heads"] // 2  # rotary frequencies, split t, h, w as Qwen2-VL's [16, 24, 24] of 64
     h = w = (half - half // 4) // 2
+    if family == "qwen3_vl":
+        h = w = half * 5 // 16  # as Qwen3-VL's [24, 20, 20] of 64
     config = {
         "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_act": "silu",
         "hidden_size": p["hidden"], "intermediate_size": p["intermediate"], "num_hidden_layers": p["layers"],
@@ -135,6 +139,20 @@ def write_small_qwen2vl(folder: Path, p: dict, seed: int = 0) -> Path:
         "vision_config": {"depth": 1, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "in_chans": 3, "hidden_size": p["hidden"],
                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
     }
+    files = {n: (TOKENIZER / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json")}
+    if family == "qwen3_vl":
+        text = {k: config.pop(k) for k in ("hidden_act", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size")}
+        config.pop("use_sliding_window"), config.pop("rope_theta")
+        config.update(architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl", text_config={
+            **text, "head_dim": p["hidden"] // p["heads"], "attention_bias": False, "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [half - h - w, h, w], "mrope_interleaved": True}})
+        config.pop("rope_scaling")
+        config["vision_config"] = {"depth": 1, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128, "in_channels": 3,
+                                   "out_hidden_size": p["hidden"], "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                   "hidden_act": "gelu_pytorch_tanh", "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+        files["preprocessor_config.json"] = json.dumps({"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 1024},
+                                                        "patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
     model = QVAModel(Qwen2VLConfig.from_dict(config))
     randomize_(model, seed, std=0.02, gain_std=0.0)
     with torch.no_grad():
@@ -143,8 +161,7 @@ def write_small_qwen2vl(folder: Path, p: dict, seed: int = 0) -> Path:
         for name, t in model.named_parameters():
             if name.endswith("bias"):
                 t.zero_()
-    files = {n: (TOKENIZER / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json")}
-    tensors = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    tensors = {file_name(n, family): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
     return save_checkpoint(folder, tensors, config, files)
 
 
@@ -249,6 +266,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default="lm,stage1,stage2,baseline", help="also: quantized (stage 2 with an int8/int4 LLM)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--family", choices=("qwen2_vl", "qwen3_vl"), default="qwen2_vl", help="the small base's family")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,12 +279,12 @@ def main() -> None:
     todo = args.stages.split(",")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm)
+    results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm, family=args.family)
     common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
                   rows_cache=cache, keep_last=1, prompt=PROMPT)
 
     if "lm" in todo:
-        write_small_qwen2vl(out / "base", prm, args.seed)
+        write_small_base(out / "base", prm, args.seed, args.family)
         cfg = TrainConfig(stage="lm", model=str(out / "base"), train_data=str(manifests["lm_train"]), eval_data=str(manifests["lm_dev"]),
                           out=str(out / "lm"), steps=prm["lm_steps"], lr=prm["lm_lr"], warmup_steps=prm["lm_steps"] // 10,
                           freeze=("embeddings",), eval_every=prm["eval_every"], **common)

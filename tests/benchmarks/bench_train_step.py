@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from bench_qwen2vl import cached_2b  # noqa: E402
+from bench_qwen2vl import REFERENCE, cached_2b  # noqa: E402
 from common import cold_run  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,11 +59,11 @@ def step():
 """
 
 HF = """
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import {reference} as Ref
 from peft import LoraConfig, get_peft_model
 kw = {{}}
 {qlora}
-model = Qwen2VLForConditionalGeneration.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation="sdpa", **kw)
+model = Ref.from_pretrained(PATH, dtype=torch.{dtype}, attn_implementation="sdpa", **kw)
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules={targets}))
 params = [p for p in model.parameters() if p.requires_grad]
 model.train()
@@ -136,7 +136,8 @@ def project_7b_qlora(seq: int = 2048, rank: int = 16, gpu_gib: float = 24.0) -> 
 
 
 def measure(side: str, ckpt: Path, args) -> dict:
-    fmt = dict(dtype="bfloat16" if args.dtype == "bf16" else "float32", targets=TARGETS, steps=args.steps, batch=args.batch, seq=args.seq)
+    fmt = dict(dtype="bfloat16" if args.dtype == "bf16" else "float32", targets=TARGETS, steps=args.steps, batch=args.batch, seq=args.seq,
+               reference=REFERENCE[args.family])
     if side == "qva":
         qlora = "from qva.linear import quantize_nf4_\nquantize_nf4_(model.model)" if args.qlora else ""
         body = QVA.format(qlora=qlora, **fmt)
@@ -151,6 +152,8 @@ def measure(side: str, ckpt: Path, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("2b", "tiny"), default="2b")
+    p.add_argument("--family", choices=tuple(REFERENCE), default="qwen2_vl",
+                   help="2b: the base's smallest Hub shapes (Qwen2-VL 2B, Qwen2.5-VL 3B, Qwen3-VL 2B) against its transformers class")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
@@ -172,7 +175,7 @@ def main() -> None:
     if args.project_7b:
         return
     if args.size == "2b":
-        ckpt = cached_2b(args.workdir, args.layers, 1)
+        ckpt = cached_2b(args.workdir, args.layers, 1, args.family)
     else:
         from qva.demo import cache_dir, write_tiny_qwen2vl
 
@@ -190,7 +193,8 @@ def main() -> None:
     for side, rs in runs.items():
         if rs:
             rows[side] = {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss_over_loaded", "loss0", "trainable")}
-    label = f"{args.size}{'-' + str(args.layers) + 'L' if args.size == '2b' else ''}, {'QLoRA' if args.qlora else 'LoRA'}, {args.dtype}"
+    label = (f"{args.size}{'-' + str(args.layers) + 'L ' + args.family if args.size == '2b' else ''}, {'QLoRA' if args.qlora else 'LoRA'}, "
+             f"{args.dtype}")
     print(f"\n{label}, batch {args.batch} × {args.seq} tokens (last quarter labelled), {args.repeats} fresh processes each")
     for side, r in rows.items():
         print(f"  {side:12s} step {r['step_s']:.3f} s, peak over loaded model {r['peak_rss_over_loaded'] / 2**20:.0f} MiB, "

@@ -172,6 +172,15 @@ def tiny_hf_whisper(seed: int = 1):
     return perturb_(transformers.WhisperForConditionalGeneration(cfg), seed)
 
 
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory):
+    """A tiny transformers Whisper saved to a folder: (its encoder, the folder)."""
+    whisper = tiny_hf_whisper(seed=1)
+    folder = tmp_path_factory.mktemp("whisper")
+    whisper.save_pretrained(folder)
+    return whisper.model.encoder, folder
+
+
 def left_padded(rows: list[list[int]], pad_id: int = 151643) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of token rows, left-padded to the longest: (input_ids, attention_mask)."""
     longest = max(len(r) for r in rows)
@@ -210,6 +219,37 @@ def types_of(ids: torch.Tensor) -> torch.Tensor:
 def reference_logits(ref, input_ids, attention_mask=None, **media):
     with torch.no_grad():
         return ref(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types_of(input_ids), **media).logits
+
+
+def assert_padded_row_alone(ours, ids, mask, short: list[int], **media) -> None:
+    """The left-padded second row of a batch (the prompt `short`) gives the logits that prompt gives alone."""
+    with torch.no_grad():
+        batched = ours(ids, attention_mask=mask, **media).logits[1, ids.shape[1] - len(short):]
+        alone = ours(torch.tensor([short])).logits[0]
+    assert (batched - alone).abs().max().item() <= PARITY_TOL
+
+
+def graft_parity(graft, ref, encoder, make_ids, media: dict, **extra):
+    """A fresh graft's logits on a prompt with 3 s of speech (ids from `make_ids(audio tokens)`) and `media`, against
+    transformers' parts (`Reference`), within PARITY_TOL; the audio rows (projector ×20, as large as text rows) must
+    move the logits. Returns (ids, features, valid frames, logits)."""
+    from qva.audio import log_mel
+
+    c = graft.config
+    with torch.no_grad():
+        graft.audio_projector.weight.mul_(20)
+    wave = speechlike(3.0, seed=2)
+    feats, valid = log_mel(wave, 80)
+    ref_feats, ref_valid = reference_features([wave], 80)
+    ids = make_ids((ref_valid[0] - 1) // 2 + 1)
+    reference = Reference(ref, encoder, graft.audio_projector.weight.detach())
+    with torch.no_grad():
+        got = graft(ids, input_features=feats, audio_valid_frames=valid, **media, **extra).logits
+        want = reference.logits(ids, None, ref_feats, ref_valid, **media, **extra, audio_pad=c.audio_token_id)
+        silent = graft(ids, input_features=feats.flip(-1), audio_valid_frames=valid, **media, **extra).logits
+    assert (got - want).abs().max() / max(1.0, want.abs().max().item()) <= PARITY_TOL
+    assert (silent - got).abs().max() > 1e-3  # the audio rows reach the logits
+    return ids, feats, valid, got
 
 
 def assert_parity(ours, ref, input_ids, attention_mask=None, **media) -> float:

@@ -15,6 +15,7 @@ from conftest import (
     VIDEO_PAD,
     VISION_END,
     VISION_START,
+    assert_padded_row_alone,
     left_padded,
     pixels,
     prompt,
@@ -95,13 +96,9 @@ def test_left_padded_batch(tied):
     px, grid = pixels([[1, 4, 4]], seed=5)
     short = prompt(9707, 1879)
     ids, mask = left_padded([prompt(vision_block(IMAGE_PAD, [1, 4, 4]), 3838, 374, 419), short])
-    pad = ids.shape[1] - len(short)
+    assert mask[1, : ids.shape[1] - len(short)].sum() == 0  # the second row is left-padded
     assert_parity(ours, ref, ids, mask, pixel_values=px, image_grid_thw=grid)
-    # the padded row equals that prompt run alone
-    with torch.no_grad():
-        batched = ours(ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid).logits[1, pad:]
-        alone = ours(torch.tensor([short])).logits[0]
-    assert (batched - alone).abs().max().item() <= TOL
+    assert_padded_row_alone(ours, ids, mask, short, pixel_values=px, image_grid_thw=grid)  # as that prompt run alone
 
 
 def test_hub_layout_flat_config_sharded_tied(tied, tmp_path):

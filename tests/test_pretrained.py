@@ -26,7 +26,6 @@ from conftest import (
     reference_audio_tokens,
     reference_features,
     speechlike,
-    tiny_hf_whisper,
     tiny_qwen2vl,
 )
 
@@ -44,14 +43,6 @@ def qwen_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen")
     ref.save_pretrained(folder)
     return ref, folder
-
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    whisper = tiny_hf_whisper(seed=1)
-    folder = tmp_path_factory.mktemp("whisper")
-    whisper.save_pretrained(folder)
-    return whisper.model.encoder, folder
 
 
 def run_case(qwen_dir, whisper_dir, waves, frames="valid", pool=1, image=None, batch_pad=None):

@@ -14,17 +14,15 @@ from conftest import (
     PARITY_TOL,
     QWEN_TOKENIZER,
     VIDEO_PAD,
-    Reference,
+    assert_padded_row_alone,
     assert_parity,
-    audio_block,
+    graft_parity,
     left_padded,
     need_shared,
     pixels,
     prompt,
-    reference_features,
     reference_logits,
     speechlike,
-    tiny_hf_whisper,
     tiny_qwen2vl,
     types_of,
     vision_block,
@@ -33,7 +31,6 @@ from conftest import (
 
 import qva
 from qva import qwen2_5_vision
-from qva.audio import log_mel
 from qva.qwen2vl_config import FIRST_FREE_ID
 
 TOL = PARITY_TOL
@@ -160,10 +157,7 @@ def test_image_and_video_in_a_left_padded_batch(pair):
     ids, mask = left_padded([prompt(vision_block(VIDEO_PAD, [4, 16, 8]), 11, vision_block(IMAGE_PAD, [1, 10, 14]), 30), short])
     media = dict(pixel_values=px, image_grid_thw=igrid, pixel_values_videos=pv, video_grid_thw=vgrid, second_per_grid_ts=seconds)
     assert_parity(ours, ref, ids, mask, **media)
-    with torch.no_grad():
-        batched = ours(ids, attention_mask=mask, **media).logits[1, ids.shape[1] - len(short) :]
-        alone = ours(torch.tensor([short])).logits[0]
-    assert (batched - alone).abs().max().item() <= TOL
+    assert_padded_row_alone(ours, ids, mask, short, **media)
 
 
 def test_hub_layout_and_save_reload(pair, tmp_path):
@@ -191,14 +185,6 @@ def test_hub_layout_and_save_reload(pair, tmp_path):
 
 
 # -- the graft ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    whisper = tiny_hf_whisper(seed=12)
-    folder = tmp_path_factory.mktemp("whisper")
-    whisper.save_pretrained(folder)
-    return whisper.model.encoder, folder
-
-
 def test_image_video_and_audio_in_one_prompt(pair, whisper_dir, tmp_path):
     ref, _, saved = pair
     encoder, wfolder = whisper_dir
@@ -206,27 +192,15 @@ def test_image_video_and_audio_in_one_prompt(pair, whisper_dir, tmp_path):
     c = graft.config
     assert (c.audio_start_token_id, c.audio_end_token_id, c.audio_token_id) == (AUDIO_START_25, AUDIO_END_25, AUDIO_PAD_25)
     assert FIRST_FREE_ID["qwen2_5_vl"] == AUDIO_START_25
-    with torch.no_grad():
-        graft.audio_projector.weight.mul_(20)  # audio rows as large as text rows, so they move the logits
-    wave = speechlike(3.0, seed=2)
-    feats, valid = log_mel(wave, 80)
-    ref_feats, ref_valid = reference_features([wave], 80)
-    n_audio = (ref_valid[0] - 1) // 2 + 1
     px, igrid = pixels([[1, 10, 14]], seed=8)
     pv, vgrid = pixels([[4, 16, 8]], seed=9)
     seconds = torch.tensor([1.0])
-    block = audio_block(n_audio)
-    block[0], block[-1] = AUDIO_START_25, AUDIO_END_25
-    block[1:-1] = [AUDIO_PAD_25] * n_audio
-    ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 10, 14]), 11, vision_block(VIDEO_PAD, [4, 16, 8]), 30, block, 3838)])
+    block = lambda n: [AUDIO_START_25] + [AUDIO_PAD_25] * n + [AUDIO_END_25]  # noqa: E731
     media = dict(pixel_values=px, image_grid_thw=igrid, pixel_values_videos=pv, video_grid_thw=vgrid)
-    reference = Reference(ref, encoder, graft.audio_projector.weight.detach())
-    with torch.no_grad():
-        got = graft(ids, input_features=feats, audio_valid_frames=valid, second_per_grid_ts=seconds, **media).logits
-        want = reference.logits(ids, None, ref_feats, ref_valid, **media, second_per_grid_ts=seconds, audio_pad=AUDIO_PAD_25)
-        silent = graft(ids, input_features=feats.flip(-1), audio_valid_frames=valid, second_per_grid_ts=seconds, **media).logits
-    assert (got - want).abs().max() / max(1.0, want.abs().max().item()) <= TOL
-    assert (silent - got).abs().max() > 1e-3  # the audio rows reach the logits
+    ids, feats, valid, got = graft_parity(
+        graft, ref, encoder, lambda n: torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 10, 14]), 11, vision_block(VIDEO_PAD, [4, 16, 8]), 30,
+                                                           block(n), 3838)]),
+        media, second_per_grid_ts=seconds)
     qva.save(graft, tmp_path / "graft")
     again = qva.load(tmp_path / "graft")
     assert again.config.family == "qwen2_5_vl" and again.config.audio_token_id == AUDIO_PAD_25

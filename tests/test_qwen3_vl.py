@@ -16,23 +16,21 @@ from conftest import (
     PARITY_TOL,
     QWEN_TOKENIZER,
     VIDEO_PAD,
-    Reference,
+    assert_padded_row_alone,
     assert_parity,
+    graft_parity,
     left_padded,
     need_shared,
     pixels,
     prompt,
-    reference_features,
     reference_logits,
     speechlike,
-    tiny_hf_whisper,
     tiny_qwen2vl,
     vision_block,
 )
 
 import qva
 from qva import qwen3_vision
-from qva.audio import log_mel
 from qva.merge import DeepStack
 
 TOL = PARITY_TOL
@@ -152,10 +150,7 @@ def test_image_and_video_in_a_left_padded_batch(pair):
     ids, mask = left_padded([prompt(video_blocks([2, 8, 4]), 11, vision_block(IMAGE_PAD, [1, 6, 10]), 30), short])
     media = dict(pixel_values=px, image_grid_thw=igrid, pixel_values_videos=pv, video_grid_thw=vgrid)
     assert_parity(ours, ref, ids, mask, **media)
-    with torch.no_grad():
-        batched = ours(ids, attention_mask=mask, **media).logits[1, ids.shape[1] - len(short):]
-        alone = ours(torch.tensor([short])).logits[0]
-    assert (batched - alone).abs().max().item() <= TOL
+    assert_padded_row_alone(ours, ids, mask, short, **media)
 
 
 def test_generate_equals_forward_with_deepstack(pair):
@@ -190,37 +185,18 @@ def test_save_reload_and_transformers_reads_it(pair, tmp_path):
 
 
 # -- the graft ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    whisper = tiny_hf_whisper(seed=22)
-    folder = tmp_path_factory.mktemp("whisper3")
-    whisper.save_pretrained(folder)
-    return whisper.model.encoder, folder
-
-
 def test_image_video_and_audio_in_one_prompt(pair, whisper_dir, tmp_path):
     ref, _, saved = pair
     encoder, wfolder = whisper_dir
     graft = qva.load(saved, whisper=wfolder, seed=3)
     c = graft.config
-    with torch.no_grad():
-        graft.audio_projector.weight.mul_(20)  # audio rows as large as text rows, so they move the logits
-    wave = speechlike(3.0, seed=2)
-    feats, valid = log_mel(wave, 80)
-    ref_feats, ref_valid = reference_features([wave], 80)
-    n_audio = (ref_valid[0] - 1) // 2 + 1
     px, igrid = qwen3_pixels([[1, 6, 10]], seed=10)
     pv, vgrid = qwen3_pixels([[2, 8, 4]], seed=11)
-    block = [c.audio_start_token_id] + [c.audio_token_id] * n_audio + [c.audio_end_token_id]
-    ids = torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 6, 10]), 11, video_blocks([2, 8, 4]), 30, block, 3838)])
+    block = lambda n: [c.audio_start_token_id] + [c.audio_token_id] * n + [c.audio_end_token_id]  # noqa: E731
     media = dict(pixel_values=px, image_grid_thw=igrid, pixel_values_videos=pv, video_grid_thw=vgrid)
-    reference = Reference(ref, encoder, graft.audio_projector.weight.detach())
-    with torch.no_grad():
-        got = graft(ids, input_features=feats, audio_valid_frames=valid, **media).logits
-        want = reference.logits(ids, None, ref_feats, ref_valid, **media, audio_pad=c.audio_token_id)
-        silent = graft(ids, input_features=feats.flip(-1), audio_valid_frames=valid, **media).logits
-    assert (got - want).abs().max() / max(1.0, want.abs().max().item()) <= TOL
-    assert (silent - got).abs().max() > 1e-3  # the audio rows reach the logits
+    ids, feats, valid, got = graft_parity(
+        graft, ref, encoder, lambda n: torch.tensor([prompt(vision_block(IMAGE_PAD, [1, 6, 10]), 11, video_blocks([2, 8, 4]), 30, block(n), 3838)]),
+        media)
     qva.save(graft, tmp_path / "graft")
     again = qva.load(tmp_path / "graft")
     assert again.config.family == "qwen3_vl" and again.config.audio is not None

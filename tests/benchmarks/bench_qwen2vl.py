@@ -39,14 +39,9 @@ HUB_2B = {  # Qwen2-VL-2B-Instruct's config.json (flat Hub layout)
 }
 
 
-HUB_3B_25 = {  # Qwen2.5-VL-3B-Instruct's config.json (flat Hub layout)
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_act": "silu",
-    "hidden_size": 2048, "intermediate_size": 11008, "max_position_embeddings": 128000, "num_attention_heads": 16,
-    "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-    "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+HUB_3B_25 = {  # Qwen2.5-VL-3B-Instruct's config.json (flat Hub layout): where it differs from Qwen2-VL-2B's
+    **HUB_2B, "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
+    "intermediate_size": 11008, "max_position_embeddings": 128000, "num_attention_heads": 16, "num_hidden_layers": 36,
     "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
                       "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
                       "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},

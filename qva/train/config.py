@@ -41,7 +41,9 @@ class TrainConfig:
                                     "or a save_to_disk folder", flag="--train")
     out: str = opt(REQUIRED, "run folder: checkpoints, metrics, and the trained model at the end")
     whisper: str | None = opt(None, "Whisper checkpoint to graft on (stages 1 and 2 on a plain Qwen2-VL)")
-    eval_data: str | None = opt(None, "dev data (any --train format): loss, exact match, WER and CER every --eval-every steps", flag="--eval")
+    eval_data: str | None = opt(None, "dev data (any --train format): loss, exact match, WER and CER every --eval-every steps; "
+                                      "several sets comma-separated, each scored and recorded, the first choosing the best checkpoint",
+                                flag="--eval")
     prompt: str | None = opt("Transcribe the audio.", "user text for short {'audio', 'text'} lines")
     data_format: str = opt("auto", "format of --train / --eval (auto: detected from the content); see qva/train/formats.py",
                            choices=("auto", "qva", "swift", "sharegpt", "alpaca", "parquet", "arrow"))
@@ -122,9 +124,16 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    @property
+    def eval_sets(self) -> list[str]:
+        """`--eval`'s sets: one path, or several comma-separated (the first chooses the best checkpoint)."""
+        return [p.strip() for p in self.eval_data.split(",") if p.strip()] if self.eval_data else []
+
     def recorded(self) -> "TrainConfig":
         """The settings as a run folder records them: paths absolute, so a resume from elsewhere compares equal."""
-        paths = {n: os.path.abspath(getattr(self, n)) for n in PATHS if getattr(self, n) not in (None, "none")}
+        paths = {n: os.path.abspath(getattr(self, n)) for n in PATHS if getattr(self, n) not in (None, "none") and n != "eval_data"}
+        if self.eval_data:
+            paths["eval_data"] = ",".join(os.path.abspath(p) for p in self.eval_sets)
         return replace(self, **paths, resume=False, overwrite=False, allow_changes=())
 
     @classmethod

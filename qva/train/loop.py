@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
             log.progress(done, total, loss_value, opt.param_groups[0]["lr"], tok_s, started)
             if d.main:
                 log.record(done, loss=loss_value, lr=opt.param_groups[0]["lr"], tokens_per_s=tok_s)
-        if dev and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
+        if any(dev.values()) and (cfg.eval_every and done % cfg.eval_every == 0 or done == total):
             best = evaluate_and_keep_best(cfg, model, dev, done, best, state, params, opt, run, d, log)
         stopping = D.all_sum(float(stop.signum is not None), d) > 0  # every rank stops after the same step
         if cfg.save_every and done % cfg.save_every == 0 or done == total or stopping:
@@ -158,9 +158,9 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
 
 
 # -- the parts of a run, in the order `_train` calls them ----------------------------------------------------------------
-def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], list[Sample]]:
-    """Training and dev samples, encoded once (bad ones skipped and named); Whisper rows computed once (and
-    cached) unless augmentation changes the audio."""
+def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], dict[str, list[Sample]]]:
+    """Training samples and each dev set's, encoded once (bad ones skipped and named); Whisper rows computed once
+    (and cached) unless augmentation changes the audio."""
     processor = model.processor
     examples, bad = read_data(cfg.train_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
     samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
@@ -168,21 +168,22 @@ def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], li
         log(describe_skipped(bad))
     if not samples:
         raise TrainError(f"{cfg.train_data}: no usable samples")
-    dev: list[Sample] = []
-    if cfg.eval_data:
-        dev_examples, dev_bad = read_data(cfg.eval_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
-        dev, dev_bad = encode_all(dev_examples, processor, cfg.max_seq_len, cfg.strict, dev_bad)
+    dev: dict[str, list[Sample]] = {}
+    for name in cfg.eval_sets:
+        dev_examples, dev_bad = read_data(name, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
+        dev[name], dev_bad = encode_all(dev_examples, processor, cfg.max_seq_len, cfg.strict, dev_bad)
         if dev_bad:
-            log("dev: " + describe_skipped(dev_bad))
+            log(f"dev {name}: " + describe_skipped(dev_bad))
+    every_dev = [s for part in dev.values() for s in part]
     cache = None if cfg.rows_cache == "none" else Path(cfg.rows_cache) if cfg.rows_cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
         if d.main:  # rank 0 fills the cache; the others then read it
-            encoded = fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)
+            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.on else samples), cache, log=log)
             if encoded:
                 log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
         D.barrier(d)
         if not d.main:
-            fill_audio_rows(model, dev + ([] if cfg.augment.on else samples), cache, log=log)
+            fill_audio_rows(model, every_dev + ([] if cfg.augment.on else samples), cache, log=log)
     return samples, dev
 
 
@@ -214,14 +215,23 @@ def step_batches(cfg: TrainConfig, model, samples: list[Sample], samples_seen: i
 
 
 def evaluate_and_keep_best(
-    cfg: TrainConfig, model, dev: list[Sample], done: int, best: dict | None, state: dict, params: dict, opt, run: Path, d: D.Dist, log
+    cfg: TrainConfig, model, dev: dict[str, list[Sample]], done: int, best: dict | None, state: dict, params: dict, opt, run: Path,
+    d: D.Dist, log
 ) -> dict | None:
-    """Dev scores at step `done` (on every rank: sharded forwards need them all), logged and recorded; the best so
-    far by (exact match, -loss) is kept in `checkpoints/best/`. Returns the best."""
-    scores = run_eval(model, model.processor, dev, cfg.eval_batch_size, cfg.max_new_tokens, cfg.eval_limit, d.device)
-    log(f"eval @ {done}: loss {scores['eval_loss']:.4f}, exact match {scores['exact_match']:.1f}%, WER {scores['wer']:.1f}% (n={scores['n']})")
+    """Each dev set's scores at step `done` (on every rank: sharded forwards need them all), logged and recorded (the
+    first set's flat, as with one set; with several, every set's under "sets"); the best so far by the first set's
+    (exact match, -loss) is kept in `checkpoints/best/`. Returns the best."""
+    every = {}
+    for name, samples in dev.items():
+        if not samples:
+            continue
+        every[name] = run_eval(model, model.processor, samples, cfg.eval_batch_size, cfg.max_new_tokens, cfg.eval_limit, d.device)
+        sc = every[name]
+        label = f" {name}" if len(dev) > 1 else ""
+        log(f"eval{label} @ {done}: loss {sc['eval_loss']:.4f}, exact match {sc['exact_match']:.1f}%, WER {sc['wer']:.1f}% (n={sc['n']})")
+    scores = next(iter(every.values()))
     if d.main:
-        log.record(done, **scores)
+        log.record(done, **scores, **({"sets": every} if len(dev) > 1 else {}))
     if best is None or (scores["exact_match"], -scores["eval_loss"]) > (best["exact_match"], -best["eval_loss"]):
         best = state["best"] = {"step": done, **scores}
         if cfg.keep_best:

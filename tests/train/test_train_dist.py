@@ -107,3 +107,35 @@ def test_a_rank_without_audio_still_works(train_dirs, tmp_path):
     run(train_dirs, tmp_path / "two", "--steps", "3", "--batch-size", "1", procs=2, manifest=manifest, stage="1")
     a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
     assert max(max_rel_err(a[n], b[n]) for n in a) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_mixed_modalities_split_unevenly_over_ranks(train_dirs, tmp_path, mode):
+    """Stage 2 on a manifest mixing text-only, audio, image, video and audio + image rows, split so that some
+    steps give one rank no audio or no image (batch 1, 2 processes): no hang, no unused-parameter error, and the
+    weights equal one process's (batch 1 × accumulation 2) on the same global batches."""
+    from PIL import Image
+
+    clips = train_dirs[4].parent / "clips"
+    Image.new("RGB", (60, 40), (200, 30, 90)).save(tmp_path / "a.png")
+    (tmp_path / "frames").mkdir()
+    for i in range(3):
+        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / "frames" / f"{i}.png")
+    user = lambda *items: {"role": "user", "content": [*items, {"type": "text", "text": "Say it."}]}  # noqa: E731
+    rows = [
+        [user(), "1"],
+        [user({"type": "audio", "audio": str(clips / "0.wav")}), "42"],
+        [user({"type": "image", "image": str(tmp_path / "a.png")}), "7"],
+        [user({"type": "video", "video": [str(tmp_path / "frames" / f"{i}.png") for i in range(3)]}), "315"],
+        [user({"type": "audio", "audio": str(clips / "1.wav")}, {"type": "image", "image": str(tmp_path / "a.png")}), "8"],
+        [user(), "906"],
+    ]
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n".join(json.dumps({"messages": [m, {"role": "assistant", "content": a}]}) for m, a in rows))
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    run(train_dirs, tmp_path / "one", "--steps", "3", "--batch-size", "1", "--grad-accum", "2", manifest=manifest)
+    run(train_dirs, tmp_path / "two", "--steps", "3", "--batch-size", "1", *fsdp, procs=2, manifest=manifest)
+    a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
+    assert set(a) == set(b) and max(max_rel_err(a[n], b[n]) for n in a) <= 1e-6
+    for x, y in zip(losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True):
+        assert abs(x - y) <= 1e-6 * abs(x)

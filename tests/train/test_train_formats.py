@@ -280,6 +280,29 @@ def test_eval_json_scores_each_set(train_dirs, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == b
 
 
+def test_training_scores_several_eval_sets(train_dirs, tmp_path):
+    """`--eval A,B`: each set scored at every evaluation, all recorded under "sets" in metrics.jsonl, the first's flat
+    (as with one set) and choosing the best checkpoint; recorded paths absolute."""
+    from qva.train.loop import train
+
+    manifest = train_dirs[4]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    _write_jsonl(tmp_path / "a.jsonl", [{"audio": str(manifest.parent / r["audio"]), "text": r["text"]} for r in rows[:3]])
+    pq.write_table(pa.Table.from_pylist([{"audio": {"bytes": (manifest.parent / r["audio"]).read_bytes(), "path": None}, "text": r["text"]}
+                                         for r in rows[3:5]]), tmp_path / "b.parquet")
+    cfg = train_config(train_dirs, tmp_path, "1", steps=2, eval_every=1, max_new_tokens=4,
+                       eval_data=f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.parquet'}")
+    summary = train(cfg, quiet=True)
+    evals = [r for r in map(json.loads, (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()) if "sets" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    for r in evals:
+        a, b = r["sets"][str(tmp_path / "a.jsonl")], r["sets"][str(tmp_path / "b.parquet")]
+        assert a["n"] == 3 and b["n"] == 2 and all(r[k] == a[k] for k in a)
+    assert summary["best"]["step"] in (1, 2) and summary["best"]["n"] == 3
+    recorded = json.loads((Path(cfg.out) / "train_config.json").read_text())["eval_data"]
+    assert recorded == f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.parquet'}"
+
+
 def test_bucketed_run_resumes_bit_exact(train_dirs, tmp_path):
     from safetensors.torch import load_file
 

@@ -463,6 +463,15 @@ def make_train_dirs(root: Path, family: str = "qwen2_vl"):
     return qwen, root / "qwen", whisper.model.encoder, root / "whisper", root / "train.jsonl"
 
 
+@pytest.fixture(scope="session")
+def graft(train_dirs):
+    """The `train_dirs` Qwen2-VL with its Whisper grafted on (audio_pool 2), as training's data tests read it."""
+    import qva
+
+    _, qwen, _, whisper, _ = train_dirs
+    return qva.load(qwen, whisper=whisper, audio_pool=2)
+
+
 def train_config(train_dirs, tmp_path, stage="1", **kw):
     """A short training run's settings on the `train_dirs` checkpoints (stage 1 grafts the Whisper)."""
     from qva.train.config import TrainConfig

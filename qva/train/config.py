@@ -50,6 +50,8 @@ class TrainConfig:
     audio_column: str = opt("audio", "parquet / Arrow: the column holding each row's audio (a path or {'bytes', 'path'})")
     text_column: str = opt("text", "parquet / Arrow: the column holding each row's transcript (the answer; --prompt asks)")
     bucket_by_length: bool = opt(False, "batches of samples of similar length (less padding), still a seeded, recomputable order")
+    stream: bool = opt(False, "read --train as it is used, through a bounded shuffle buffer, never whole (needs --steps)")
+    shuffle_buffer: int = opt(10_000, "--stream: examples held for shuffling (the order is seeded and recomputed on resume)")
     audio_pool: int = opt(1, "fresh graft: encoder frames averaged into one audio token")
     audio_frames: str = opt("valid", "fresh graft: encoder frames kept (valid: those of real audio; full: all 1500)",
                             choices=("valid", "full"))
@@ -118,6 +120,12 @@ class TrainConfig:
         if unknown:
             raise TrainError(f"allow_changes takes setting names such as {', '.join(RESULT_CHANGING[:6])}, …, got {sorted(unknown)}"
                              + (f" ({sorted(unknown & set(FIXED))} cannot change on resume)" if unknown & set(FIXED) else ""))
+        if self.stream and self.steps is None:
+            raise TrainError("--stream needs --steps: a stream's length is not known before it is read")
+        if self.stream and self.bucket_by_length:
+            raise TrainError("--bucket-by-length sorts the whole set by length: not with --stream")
+        if self.shuffle_buffer < 1:
+            raise TrainError(f"shuffle_buffer must be ≥ 1, got {self.shuffle_buffer}")
         if self.qlora and self.stage == "lm":
             raise TrainError("--qlora stores the LLM's weights in NF4, frozen: it goes with stage 1 or 2, not stage lm")
 
@@ -166,7 +174,8 @@ def _init_taking_old_names(self, *args, **kwargs):
 TrainConfig.__init__ = _init_taking_old_names
 PATHS = ("model", "whisper", "train_data", "eval_data", "out", "rows_cache")
 FIXED = ("stage", "model", "whisper", "audio_pool", "audio_frames", "lora_rank", "lora_targets", "qlora", "freeze")
-RESULT_CHANGING = ("train_data", "data_format", "audio_column", "text_column", "bucket_by_length", "prompt", "seed", "batch_size",
+RESULT_CHANGING = ("train_data", "data_format", "audio_column", "text_column", "bucket_by_length", "stream", "shuffle_buffer", "prompt",
+                   "seed", "batch_size",
                    "grad_accum", "lr", "projector_lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "max_grad_norm", "lora_alpha", "lora_dropout", "dtype", "whisper_dtype",
                    "max_seq_len", "augment", "keep_best")

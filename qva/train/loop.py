@@ -43,6 +43,7 @@ from .log import Log
 from .run import claim, write_output
 from .stages import build_model, check_trainable, lr_factor, make_optimizer, trainable_table
 from .stop import Preempted, StopFlag
+from .stream import Stream
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
 
     # optimizer, schedule, length: a step is batch_size × grad_accum samples on each of the processes
     per_step = cfg.batch_size * cfg.grad_accum * d.world
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(samples) / per_step))
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(samples) / per_step))  # a stream: --steps
     opt = make_optimizer(params, cfg)
     state = resume(cfg, run, params, opt, d, log)
     best = state.get("best")
@@ -98,6 +99,10 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
     loss_value = float("nan")
     for step in range(state["step"], total):
         batches = step_batches(cfg, model, samples, state["samples_seen"], step, d)
+        if isinstance(samples, Stream) and D.all_sum(float(any(b is None for b in batches)), d):
+            log(f"step {step + 1}: a micro-batch had no usable sample; step skipped (on every process)")
+            state["step"], state["samples_seen"] = step + 1, state["samples_seen"] + per_step
+            continue
         factor = lr_factor(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -141,6 +146,8 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
                 stop.signum or 15,
             )
 
+    if isinstance(samples, Stream) and samples.unusable:
+        log(f"stream: {samples.unusable} row(s) or sample(s) could not be used (skipped)")
     # the output: the best checkpoint by dev score, or the last step, written by rank 0
     if best is not None and cfg.keep_best and (run / "checkpoints" / "best").is_dir():
         load_checkpoint(run / "checkpoints" / "best", params, None)
@@ -158,16 +165,20 @@ def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, o
 
 
 # -- the parts of a run, in the order `_train` calls them ----------------------------------------------------------------
-def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], dict[str, list[Sample]]]:
-    """Training samples and each dev set's, encoded once (bad ones skipped and named); Whisper rows computed once
-    (and cached) unless augmentation changes the audio."""
+def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample] | Stream, dict[str, list[Sample]]]:
+    """Training samples (or, with `stream`, a `Stream` that reads them as they are drawn) and each dev set's,
+    encoded once (bad ones skipped and named); Whisper rows computed once (and cached) unless augmentation
+    changes the audio or the samples stream."""
     processor = model.processor
-    examples, bad = read_data(cfg.train_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
-    samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
-    if bad:
-        log(describe_skipped(bad))
-    if not samples:
-        raise TrainError(f"{cfg.train_data}: no usable samples")
+    if cfg.stream:
+        samples = Stream(cfg, processor, model.config.text.max_position_embeddings, log)
+    else:
+        examples, bad = read_data(cfg.train_data, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
+        samples, bad = encode_all(examples, processor, cfg.max_seq_len, cfg.strict, bad)
+        if bad:
+            log(describe_skipped(bad))
+        if not samples:
+            raise TrainError(f"{cfg.train_data}: no usable samples")
     dev: dict[str, list[Sample]] = {}
     for name in cfg.eval_sets:
         dev_examples, dev_bad = read_data(name, cfg.prompt, cfg.data_format, cfg.audio_column, cfg.text_column)
@@ -178,12 +189,12 @@ def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample], di
     cache = None if cfg.rows_cache == "none" else Path(cfg.rows_cache) if cfg.rows_cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
         if d.main:  # rank 0 fills the cache; the others then read it
-            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.on else samples), cache, log=log)
+            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.on or cfg.stream else samples), cache, log=log)
             if encoded:
                 log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
         D.barrier(d)
         if not d.main:
-            fill_audio_rows(model, every_dev + ([] if cfg.augment.on else samples), cache, log=log)
+            fill_audio_rows(model, every_dev + ([] if cfg.augment.on or cfg.stream else samples), cache, log=log)
     return samples, dev
 
 
@@ -200,18 +211,20 @@ def resume(cfg: TrainConfig, run: Path, params: dict, opt, d: D.Dist, log) -> di
     return state
 
 
-def step_batches(cfg: TrainConfig, model, samples: list[Sample], samples_seen: int, step: int, d: D.Dist) -> list[dict]:
+def step_batches(cfg: TrainConfig, model, samples: list[Sample] | Stream, samples_seen: int, step: int, d: D.Dist) -> list[dict | None]:
     """This process's micro-batches of one step, on its device. The step's global batch is the next
     batch_size × grad_accum × world samples of the seeded order; micro-batch m of this rank is the slice
-    [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch."""
+    [(m · world + rank) · batch_size, …) of it, so the union over ranks is one process's batch. A stream's
+    unusable samples are dropped; a micro-batch left with none is None."""
     bucket = cfg.batch_size if cfg.bucket_by_length else None
-    micro = [
-        [next_sample(samples, samples_seen + (m * d.world + d.rank) * cfg.batch_size + i, cfg.seed, bucket) for i in range(cfg.batch_size)]
-        for m in range(cfg.grad_accum)
-    ]
+    indices = [[samples_seen + (m * d.world + d.rank) * cfg.batch_size + i for i in range(cfg.batch_size)] for m in range(cfg.grad_accum)]
+    if isinstance(samples, Stream):  # its audio goes to the model as log-mel windows: the forward runs the frozen encoder
+        micro = [[s for s in map(samples.take, batch) if s is not None] for batch in indices]
+    else:
+        micro = [[next_sample(samples, j, cfg.seed, bucket) for j in batch] for batch in indices]
     if cfg.augment.on:
         micro = [augmented(model, batch, cfg.augment, cfg.seed, step, m * d.world + d.rank) for m, batch in enumerate(micro)]
-    return [to_device(collate(b, model.processor.pad_token_id), d.device) for b in micro]
+    return [to_device(collate(b, model.processor.pad_token_id), d.device) if b else None for b in micro]
 
 
 def evaluate_and_keep_best(

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import qva
 from qva.processor import Processor
 from qva.train.augment import AugmentConfig, add_noise, spec_augment, speed_perturb
 from qva.train.data import (
@@ -26,12 +25,6 @@ from qva.train.data import (
     read_manifest,
 )
 from qva.train.evaluate import normalize, score, word_errors
-
-
-@pytest.fixture(scope="module")
-def graft(train_dirs):
-    _, qwen, _, whisper, _ = train_dirs
-    return qva.load(qwen, whisper=whisper, audio_pool=2)
 
 
 def test_labels_cover_assistant_content_and_im_end_only(demo_dirs):

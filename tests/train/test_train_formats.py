@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import SHARED, need_shared, train_config
 
-import qva
 from qva.train.data import DataError, encode_all, epoch_order, padding_fraction, read_manifest
 from qva.train.evaluate import score
 from qva.train.formats import detect_format, read_data
@@ -24,12 +23,6 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 PROMPT = "Say it."
-
-
-@pytest.fixture(scope="module")
-def graft(train_dirs):
-    _, qwen, _, whisper, _ = train_dirs
-    return qva.load(qwen, whisper=whisper, audio_pool=2)
 
 
 @pytest.fixture

@@ -165,6 +165,20 @@ def write_small_base(folder: Path, p: dict, seed: int = 0, family: str = "qwen2_
     return save_checkpoint(folder, tensors, config, files)
 
 
+def to_parquet(manifest: Path) -> Path:
+    """A speech manifest as Hugging Face datasets keep audio: parquet rows {"audio": {"bytes", "path"}, "text", "voice"}
+    (the clip's file bytes, no path), beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    table = pa.Table.from_pylist([{"audio": {"bytes": Path(r["audio"]).read_bytes(), "path": None}, "text": r["text"], "voice": r["voice"]}
+                                  for r in rows])
+    out = manifest.with_suffix(".parquet")
+    pq.write_table(table, out, row_group_size=256)
+    return out
+
+
 def to_digits(text: str) -> str:
     """Whisper's transcript → digits: number words and digit characters, in order."""
     tokens = re.findall(r"[a-z]+|\d", text.lower().replace("oh", "zero"))
@@ -189,7 +203,7 @@ def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, flo
     start = [cfg.decoder_start_token_id, tok.token_to_id("<|notimestamps|>")]
     out = {}
     for name in ("dev", "unseen"):
-        rows = [json.loads(line) for line in manifests[name].read_text().splitlines()]
+        rows = [json.loads(line) for line in manifests[name].with_suffix(".jsonl").read_text().splitlines()]
         hits = 0
         for i in range(0, len(rows), 16):
             chunk = rows[i:i + 16]
@@ -229,12 +243,13 @@ def stage(results: dict, name: str, cfg: TrainConfig, manifests: dict, scored: t
 
 def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None) -> dict[str, float]:
     """Exact match (%) of greedy answers on each split, with the prompt the recipe trains with."""
-    from qva.train.data import encode_all, fill_audio_rows, read_manifest
+    from qva.train.data import encode_all, fill_audio_rows
     from qva.train.evaluate import evaluate
+    from qva.train.formats import read_data
 
     out = {}
     for split in splits:
-        examples, _ = read_manifest(manifests[split], PROMPT)
+        examples, _ = read_data(manifests[split], PROMPT)
         samples, _ = encode_all(examples, model.processor, 4096)
         if model.audio_encoder is not None:
             fill_audio_rows(model, samples, None if cache in (None, "none") else Path(cache))
@@ -267,6 +282,7 @@ def main() -> None:
     p.add_argument("--stages", default="lm,stage1,stage2,baseline", help="also: quantized (stage 2 with an int8/int4 LLM)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--family", choices=("qwen2_vl", "qwen3_vl"), default="qwen2_vl", help="the small base's family")
+    p.add_argument("--parquet", action="store_true", help="train and score the speech stages from parquet-with-bytes copies of the sets")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,12 +290,15 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"])
+    if args.parquet:  # the speech sets as datasets ship them: the clips' bytes inside the parquet rows
+        manifests.update({k: to_parquet(manifests[k]) for k in ("train", "dev", "unseen")})
     whisper_dtype = "bf16" if cpu_has_fast_half_matmul() else "fp32"  # frozen and cached: the fast one
     cache = str(out / "whisper-cache")
     todo = args.stages.split(",")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm, family=args.family)
+    results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm, family=args.family,
+                   data_format="parquet" if args.parquet else "jsonl")
     common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
                   rows_cache=cache, keep_last=1, prompt=PROMPT)
 

@@ -10,8 +10,10 @@ Both servers run at the same time on 127.0.0.1, bf16, 8 rows / sequences, a 2048
 (`--enforce-eager`) with `VLLM_CPU_OMP_THREADS_BIND=--vllm-bind` (default both cores, as qva-serve uses; vLLM's
 own default reserves one core of two) and 4 GiB of KV cache. Requests: `--requests` text chats (30–150 prompt
 tokens) and as many image + audio chats (a 448² PNG, 10 s of 16 kHz speech-like audio, a question), greedy,
-`--max-tokens` each, streamed. Phases (server × kind × 1/4/8 concurrent clients) are interleaved: per
-concurrency and kind, qva-serve then vLLM (the order alternates by round). Reported per phase: completion
+`--max-tokens` each, streamed; every phase sends requests of its own (no prefix or media repeats an earlier phase's:
+vLLM would answer those from its prefix and multimodal caches), the same to both servers. Phases (server × kind ×
+1/4/8 concurrent clients) are interleaved: per concurrency and kind, qva-serve then vLLM (the order alternates by
+round). Reported per phase: completion
 tokens/s over the phase's wall time, time to first token p50/p95, and per server the start-up time (spawn →
 /health 200) and resident memory of its process tree (after start-up, and the peak while serving). Not a test.
 """
@@ -63,13 +65,13 @@ def data_url(kind: str, data: bytes) -> str:
     return f"data:{kind};base64," + base64.b64encode(data).decode()
 
 
-def media_requests(n: int) -> list[list[dict]]:
-    """n chats, each a 448² picture + 10 s of audio + a question (the bytes differ per request)."""
+def media_requests(n: int, first: int = 0) -> list[list[dict]]:
+    """n chats, each a 448² picture + 10 s of audio + a question (the bytes differ per request: request `first` on)."""
     import soundfile as sf
     from PIL import Image
 
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         rng = np.random.default_rng(i)
         yy, xx = np.mgrid[0:448, 0:448]
         img = np.stack([xx / 448 * 255, yy / 448 * 255, 128 + 100 * np.sin((xx + yy + 7 * i) / 15)], -1) + rng.normal(0, 10, (448, 448, 3))
@@ -175,7 +177,14 @@ def main() -> None:
     from qva.vllm.chat_template import CHAT_TEMPLATE
 
     (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    kinds = {"text": prompts(args.requests), "image + audio": media_requests(args.requests)}
+    def fresh(kind: str, phase: int) -> list[list[dict]]:
+        """The phase's own requests: none repeats another phase's, so no server answers from a cache of an earlier one
+        (vLLM keeps a prefix cache and a multimodal input cache)."""
+        if kind == "text":
+            return [[{"role": "user", "content": f"Phase {phase}. " + chat[0]["content"]}] for chat in prompts(args.requests)]
+        return media_requests(args.requests, first=phase * args.requests)
+
+    kinds = {"text": None, "image + audio": None}
     print(cpu_header(), flush=True)
     print(f"graft {folder} (2B shape, {args.layers} layers, turbo-shaped Whisper 2 layers, pool 2), bf16; "
           f"{args.requests} requests a kind × ≤{args.max_tokens} tokens", flush=True)
@@ -200,11 +209,14 @@ def main() -> None:
             servers[name] = Server(name, cmd, port, e, work / f"{name}.log")
             print(f"{name}: healthy after {servers[name].startup:.1f} s, RSS {servers[name].idle_rss / 2**30:.2f} GiB", flush=True)
         for name, s in servers.items():  # warm-up: both kinds, two at a time
-            for reqs in kinds.values():
-                served(s.port, "bench", reqs[:2], 4, 2)
+            for kind in kinds:
+                served(s.port, "bench", fresh(kind, 0)[:2], 4, 2)
+        phase = 0
         for r in range(args.rounds):
             for conc in (1, 4, 8):
-                for kind, reqs in kinds.items():
+                for kind in kinds:
+                    phase += 1
+                    reqs = fresh(kind, phase)  # the same requests for both servers, new to both
                     order = list(servers) if r % 2 == 0 else list(servers)[::-1]
                     for name in order:
                         seconds, answers = served(servers[name].port, "bench", reqs, args.max_tokens, conc)

@@ -150,7 +150,7 @@ class Qwen2VLConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; qva loads {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "(Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B)"
+                "(Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/32B/72B, Qwen3-VL 2B/4B/8B/32B dense)"
             )
         t = f.sub("text_config") if d.get("text_config") is not None else f  # nested (transformers 5) or flat (Hub)
         rope = next((src.sub(k) for src, k in ((t, "rope_parameters"), (t, "rope_scaling"), (f, "rope_scaling"))

@@ -30,7 +30,7 @@ from weights_loader import Checkpoint, CheckpointError
 from weights_loader.writer import atomic_folder
 
 from .linear import QUANTIZED_LINEARS, Linear, add_lora, lora_linears
-from .qwen2vl_config import TRANSFORMERS5_PREFIXES
+from .qwen2vl_config import TRANSFORMERS5_PREFIXES, swap_prefix
 
 CONFIG, WEIGHTS, PROJECTOR, GRAFT = "adapter_config.json", "adapter_model.safetensors", "audio_projector.safetensors", "audio_graft.json"
 PEFT_PREFIX = "base_model.model."
@@ -39,19 +39,12 @@ HF5 = TRANSFORMERS5_PREFIXES  # (qva prefix, transformers-5 prefix)
 
 def to_peft_name(name: str) -> str:
     """`model.layers.0.self_attn.q_proj.lora_A.weight` → `base_model.model.model.language_model.layers.0…`."""
-    for ours, hf5 in HF5:
-        if name.startswith(ours):
-            return PEFT_PREFIX + hf5 + name[len(ours):]
-    return PEFT_PREFIX + name
+    return PEFT_PREFIX + swap_prefix(name, HF5)
 
 
 def from_peft_name(key: str) -> str:
     """Either PEFT key form (and `.default`) → qva's name."""
-    name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
-    for ours, hf5 in HF5:
-        if name.startswith(hf5):
-            return ours + name[len(hf5):]
-    return name
+    return swap_prefix(key.removeprefix(PEFT_PREFIX).replace(".default.", "."), HF5, forward=False)
 
 
 def is_adapter_folder(path: Path) -> bool:

@@ -32,22 +32,6 @@ ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Q
 # (qva's module prefix, transformers 5's): Qwen3-VL's files, and PEFT adapters on transformers 5, use the latter
 TRANSFORMERS5_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."))
 CHECKPOINT_PREFIXES = {"qwen3_vl": TRANSFORMERS5_PREFIXES}  # families whose checkpoints name tensors so
-
-
-def file_name(name: str, family: str) -> str:
-    """qva's tensor name → the name in the family's checkpoint files."""
-    for ours, theirs in CHECKPOINT_PREFIXES.get(family, ()):
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    return name
-
-
-def module_name(name: str, family: str) -> str:
-    """A tensor name in the family's checkpoint files → qva's."""
-    for ours, theirs in CHECKPOINT_PREFIXES.get(family, ()):
-        if name.startswith(theirs):
-            return ours + name[len(theirs):]
-    return name
 AUDIO_FRAMES = ("valid", "full")
 AUDIO_TOKEN_IDS = {"audio_start_token_id": 151657, "audio_end_token_id": 151658, "audio_token_id": 151659}
 # the first ids after each family's released tokenizer (Qwen2-VL's ends at 151656, Qwen2.5-VL's at 151664 with
@@ -57,6 +41,25 @@ FIRST_FREE_ID = {"qwen2_vl": 151657, "qwen2_5_vl": 151665, "qwen3_vl": 151669}
 # what a graft's config.json names as its architecture: the vLLM plugin (qva/vllm/) registers it; a plain Qwen2-VL
 # keeps Qwen2VLForConditionalGeneration, so stock engines still load it
 GRAFT_ARCHITECTURE = "QVAForConditionalGeneration"
+
+
+def swap_prefix(name: str, pairs, forward: bool = True) -> str:
+    """`name` with the first matching prefix of `pairs` ((ours, theirs), …) swapped: ours → theirs, or back."""
+    for ours, theirs in pairs:
+        src, dst = (ours, theirs) if forward else (theirs, ours)
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
+def file_name(name: str, family: str) -> str:
+    """qva's tensor name → the name in the family's checkpoint files."""
+    return swap_prefix(name, CHECKPOINT_PREFIXES.get(family, ()))
+
+
+def module_name(name: str, family: str) -> str:
+    """A tensor name in the family's checkpoint files → qva's."""
+    return swap_prefix(name, CHECKPOINT_PREFIXES.get(family, ()), forward=False)
 
 
 @dataclass

@@ -300,11 +300,11 @@ def atomic_file(path: str | os.PathLike, content: str | bytes | Callable[[Path],
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.qva-tmp-{_HOST}-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            if not callable(data):
+            if callable(data):
+                data(Path(tmp))  # through its own handle; the fsync below covers the file, whoever wrote it
+            else:
                 f.write(data)
-        if callable(data):
-            data(Path(tmp))
-        with open(tmp, "rb+") as f:
+                f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

@@ -62,8 +62,8 @@ class Engine:
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context of {cfg.max_position_embeddings}")
         self.model, self.rows, self.max_len, self.compile = model, rows, max_len, compile
-        self.device = model.lm_head.weight.device
-        self.cache = KVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim, model.lm_head.weight.dtype,
+        self.device = model.device
+        self.cache = KVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim, model.dtype,
                              self.device)
         self.slot = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] where each row's next token goes
         self.position = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows] its M-RoPE position

@@ -61,7 +61,7 @@ def generate_tokens(
     params = sampling or SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     media = {k: v for k, v in media.items() if v is not None}
     model.check_inputs(input_ids, attention_mask, **media)
-    device = model.lm_head.weight.device
+    device = model.device
     input_ids = input_ids.to(device)
     b, s = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -93,7 +93,7 @@ def engine_for(model, rows: int, max_len: int, compile: bool) -> Engine:
     (its cache and compiled steps are reused: rows past `rows` stay idle), else a new one kept for next time."""
     engine = getattr(model, "_generate_engine", None)
     if engine is None or engine.rows < rows or engine.max_len < max_len or engine.compile != compile \
-            or engine.cache.dtype != model.lm_head.weight.dtype or engine.device != model.lm_head.weight.device:
+            or engine.cache.dtype != model.dtype or engine.device != model.device:
         engine = Engine(model, rows, max_len, compile)
         model.__dict__["_generate_engine"] = engine  # a plain attribute: not a submodule, not in the state dict
     for row in range(rows):

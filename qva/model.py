@@ -88,9 +88,19 @@ class QVAModel(nn.Module):
         self.audio_projector = Linear(cfg.audio.d_model, cfg.text.hidden_size, bias=False) if cfg.audio else None
 
     def tie_weights(self) -> None:
-        """With tied embeddings (the 2B model) the head is the embedding matrix itself: after loading or casting."""
-        if self.config.tie_word_embeddings:
+        """With tied embeddings (the 2B model) the head is the embedding matrix itself: after loading or casting.
+        A quantized head (`quantize_modules` "head") holds its own quantized copy; the embedding keeps the load dtype."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The load dtype (the embedding's: the head may be quantized)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     # -- inputs ---------------------------------------------------------------------------------------
     def media_features(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -106,7 +116,7 @@ class QVAModel(nn.Module):
                 raise ValueError(f"{'image' if tid == cfg.image_token_id else 'video'} pixels given without their grid_thw")
         if not present:
             return out
-        pixels = torch.cat([px for _, px, _ in present]).to(self.lm_head.weight.device)
+        pixels = torch.cat([px for _, px, _ in present]).to(self.device)
         grids = torch.cat([grid.cpu() for _, _, grid in present])
         rows = self.visual(pixels, grids)  # [Σ tokens, D], or with DeepStack (rows, [Σ tokens, D] per tap)
         rows, taps = rows if isinstance(rows, tuple) else (rows, [])
@@ -315,9 +325,8 @@ class QVAModel(nn.Module):
         A few rows (next-token logits) are matrix–vector products over the weights as stored; many rows
         run in the hidden rows' dtype (see linear/dtype_policy.py).
         """
-        w = self.lm_head.weight
         if hidden.numel() <= FEW_ROWS * hidden.shape[-1] and not torch.is_grad_enabled():
-            return self.lm_head(hidden.to(w.dtype)).to(hidden.dtype)
+            return self.lm_head(hidden.to(self.dtype)).to(hidden.dtype)
         return self.lm_head(hidden)
 
     def generate(self, **kwargs):

@@ -74,9 +74,9 @@ def load(
     and projector applied). `adapter=` applies a PEFT-layout LoRA adapter folder on top. The model
     carries `model.processor` when the folder has a tokenizer. A fresh projector is drawn from
     N(0, initializer_range) with `seed`. `quantize="int8" | "int4" | "nf4"` stores the linear weights of the
-    stacks named in `quantize_modules` ("llm": the decoder layers; "vision", "whisper") quantized, each as it
-    is read (int4 in groups of `group_size` along the input; biases, norms and embeddings keep `dtype`); a
-    folder that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
+    stacks named in `quantize_modules` ("llm": the decoder layers; "vision", "whisper"; "head": the vocabulary
+    head) quantized, each as it is read (int4 in groups of `group_size` along the input; biases, norms and
+    embeddings keep `dtype`); a folder that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
     `progress(done, total)` is called as tensors load."""
     dtype, device = check_dtype(dtype), check_device(device)
     path = Path(path)
@@ -104,7 +104,7 @@ def load(
         if plan:
             plan.quantize_as_read(model, ckpt, targets, dtype, device)
     if whisper is not None:
-        graft_whisper(model, whisper, seed, dtype or model.lm_head.weight.dtype, device)
+        graft_whisper(model, whisper, seed, dtype or model.dtype, device)
         if plan and "whisper" in plan.modules:
             plan.quantize_stack(model, "whisper")
     assert_materialized(model, str(path))

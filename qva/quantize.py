@@ -7,7 +7,8 @@
     record(model)                        # what `qva.save` writes as `quantization_config`
 
 The stacks (`QUANTIZABLE`): "llm" (the decoder layers' linears), "vision" (the vision blocks'), "whisper" (the
-encoder layers'). Embeddings, the head, norms and biases keep the load dtype. int4 takes only weights whose
+encoder layers'), "head" (the vocabulary head: with tied embeddings a quantized copy of the embedding, which is
+then read only a row per token). Embeddings, norms and biases keep the load dtype. int4 takes only weights whose
 `in` divides the group and `out` the 64-row packing block; others stay as loaded, and a saved model reloads
 by the same rule. The formats are `linear.QUANTIZED_LINEARS`'.
 """
@@ -25,7 +26,8 @@ from weights_loader import Checkpoint, CheckpointError
 
 from .linear import INT4_GROUPS, INT4_ROW_BLOCK, QUANTIZED_LINEARS, Linear, clear_scratch
 
-QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "audio_encoder.layers."}  # stacks' linears
+QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "audio_encoder.layers.",  # stacks' linears
+               "head": "lm_head"}  # the vocabulary head (tied: a quantized copy; the embedding keeps the load dtype)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class Plan:
         ones fragment the heap), quantized, and dropped."""
         if self.stored or not targets:
             return
+        if "lm_head" in targets and "lm_head.weight" not in ckpt:  # tied: the head is the embedding, loaded already
+            replace_module(model, "lm_head", self.kind.from_linear(targets["lm_head"], group_size=self.group_size))
+            targets = {n: m for n, m in targets.items() if n != "lm_head"}
+            if not targets:
+                return
         infos = {name: ckpt.info(f"{name}.weight") for name in targets}
         read_dtype = dtype or next(iter(infos.values())).dtype
         buffer = torch.empty(max(i.nbytes // i.dtype.itemsize for i in infos.values()), dtype=read_dtype)

@@ -59,6 +59,33 @@ def test_quantized_at_load_close_to_bf16_and_round_trips(demo_dirs, tmp_path, fm
     assert other.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.02), ("int4", 0.3)])
+def test_quantized_head_of_tied_embeddings(demo_dirs, tmp_path, fmt, bound):
+    """quantize_modules "head": the tied head becomes a quantized copy while the embedding keeps the load dtype;
+    the logits move (the head really is quantized) but stay close; generation and save → load keep it."""
+    qwen, _ = demo_dirs
+    ref = qva.load(qwen, dtype=torch.float32)
+    body = qva.load(qwen, dtype=torch.float32, quantize=fmt)
+    model = qva.load(qwen, dtype=torch.float32, quantize=fmt, quantize_modules=("llm", "head"))
+    assert ref.config.tie_word_embeddings and type(model.lm_head) is L.QUANTIZED_LINEARS[fmt] and type(body.lm_head) is L.Linear
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight) and model.dtype == torch.float32
+    ids = prompt_ids()
+    with torch.no_grad():
+        want, plain, got = ref(ids).logits, body(ids).logits, model(ids).logits
+    head_err = rel_l2(got, plain)  # the head's own error: the same quantized body on both sides
+    print(f"{fmt} head: logits relative L2 against the bf16 head {head_err:.4f}, against fp32 {rel_l2(got, want):.4f}")
+    assert 0 < head_err < bound and rel_l2(got, want) < 2 * bound
+    with torch.inference_mode():
+        assert model.generate(input_ids=ids[:1], max_new_tokens=4, eos_token_id=[]).shape == (1, 28)
+    qva.save(model, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["modules"] == ["head", "llm"]
+    back = qva.load(tmp_path / "q")
+    assert type(back.lm_head) is L.QUANTIZED_LINEARS[fmt]
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, got)
+
+
 def test_resident_bytes_of_the_llm_linears(demo_dirs):
     """bf16 → int8 0.5× (+ a bf16 scale a row: 3% at these 64-wide rows, 0.1% at the 2B's 1536), int4 (g64) 0.28×."""
     qwen, _ = demo_dirs

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
     p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT layout) to apply")
     p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
-    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper")
+    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper, head (the vocabulary head)")
     p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -512,7 +512,7 @@ def fill_audio_rows(model, samples: list[Sample], cache_dir: Path | None, batch_
         chunk = missing[i:i + batch_size]
         feats = torch.cat([s.media["input_features"] for s, _, _ in chunk])
         valid = torch.cat([s.media["audio_valid_frames"] for s, _, _ in chunk])
-        rows = model.audio_encoder_rows(feats.to(model.lm_head.weight.device), valid).float().cpu()
+        rows = model.audio_encoder_rows(feats.to(model.device), valid).float().cpu()
         start = 0
         for _, k, n in chunk:
             cache[k] = rows[start:start + n].clone()

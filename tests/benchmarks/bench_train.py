@@ -11,16 +11,22 @@ sizes with Qwen3-VL's structure) and runs:
           → "3071", and the same laid out like the audio it will read later ("stretched": each word repeated
           2–6 times, 0–2 "silence" tokens between, 1–2 between a repeated digit's two words, which would
           otherwise merge; `<|vision_pad|>`, unused in this task); every string in both forms: the train
-          strings plus 10 000 random 2–6-digit ones (none of them a dev or unseen-voice string)
+          strings plus 10 000 random 2–6-digit ones
   stage1  Whisper tiny.en (real weights) grafted on, audio_pool 4; only the projector trains
   stage2  projector + LoRA r16 on all seven LLM linears
 
-Each stage's model is left in DIR/lm, DIR/stage1, DIR/stage2 (`qva.load(DIR/stage2)` gives the trained model,
-adapter applied). The text stage is scored on both forms (`lm_dev`: plain, `lm_dev_stretched`). Voices never heard: 9 of the 72 voices (every 8th, sorted) are held out of every stage;
-all their clips (train and dev) make the `unseen` set. Reported after each stage: exact match of the whole
-digit string on dev (200 clips) and on unseen voices, with the stage's time; and Whisper tiny.en's own
-decoder (greedy, number words mapped to digits) on the same sets, through transformers. `--slice` is the
-short version CI runs (a smaller LLM, fewer steps, a subset of clips). Results: DIR/results.json.
+Speech trained on: the corpus's train clips of the 63 seen voices, plus `--extra` clips synthesized with the same
+voices and ranges and fresh strings, augmented (sox speed 0.9/1.1, white noise; `digit_speech.py`). Scored, never
+trained on: dev (200 clips), the 9 held-out voices (every 8th of the 72, sorted: all their clips, the `unseen`
+set) and the `hard` set (`--hard` clips synthesized with accents, voice variants, rates, pitches and recording
+conditions — reverberation, telephone band, pink noise — that no training clip has). No scored string occurs in
+any training stage, text or speech (the corpus's dev shares 50 strings with its train: those train clips are
+left out). Each stage's model is left in DIR/lm, DIR/stage1, DIR/stage2 (`qva.load(DIR/stage2)` gives the
+trained model, adapter applied); during stages 1 and 2 dev chooses the best checkpoint. The text stage is scored
+on both forms (`lm_dev`: plain, `lm_dev_stretched`). Reported after each stage: exact match of the whole digit
+string on each scored set, with the stage's time; and Whisper tiny.en's own decoder (greedy, number words mapped
+to digits) on the same sets, through transformers. `--slice` is the short version CI runs (a smaller LLM, fewer
+steps, a subset of clips, nothing synthesized). Results: DIR/results.json, with the CPU they ran on.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import cpu_header  # noqa: E402
+
 from qva.demo import randomize_  # noqa: E402
 from qva.linear import cpu_has_fast_half_matmul  # noqa: E402
 from qva.model import QVAModel  # noqa: E402
@@ -50,12 +58,12 @@ TOKENIZER = ROOT / "shared" / "data" / "qwen2-vl-tokenizer"
 PROMPT = "Transcribe the digits."
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=700, lm_lr=3e-3, batch=64,
-            s1_steps=400, s1_lr=3e-3, s2_steps=500, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
-            lm_strings=10000)
+FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=600, lm_lr=3e-3, batch=64,
+            s1_steps=300, s1_lr=3e-3, s2_steps=600, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
+            lm_strings=10000, extra=1200, hard=200)
 SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=150, lm_lr=5e-3, batch=32,
              s1_steps=60, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
-             lm_strings=4000)
+             lm_strings=4000, extra=0, hard=0)
 
 
 def held_out_voices(voices: set[str]) -> set[str]:
@@ -75,22 +83,55 @@ def text_form(spoken: str, rng: random.Random) -> str:
     return "<|audio_start|>" + "".join(parts) + "<|audio_end|>"
 
 
-def prepare(data: Path, out: Path, clips: int | None, lm_strings: int) -> dict[str, Path]:
-    """Manifests: the text task (lm), the speech task (train, dev), and the unseen-voice set."""
+def draw_strings(n: int, rng: random.Random, avoid: set[str]) -> list[str]:
+    """`n` distinct random 2–6-digit strings, none in `avoid` (which grows by them)."""
+    out = []
+    while len(out) < n:
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
+        if digits not in avoid:
+            avoid.add(digits)
+            out.append(digits)
+    return out
+
+
+def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: int = 0, hard: int = 0, seed: int = 0) -> dict[str, Path]:
+    """Manifests: the text task (lm), the speech task (train: the corpus's seen voices plus `extra` synthesized
+    clips, dev), the unseen-voice set, and the `hard` unseen set (`digit_speech.py`; needs espeak-ng and sox)."""
+    import digit_speech
+
     train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
     dev = [json.loads(line) for line in (data / "dev.jsonl").read_text().splitlines() if line.strip()]
     held = held_out_voices({x["voice"] for x in train} | {x["voice"] for x in dev})
-    seen_train = [x for x in train if x["voice"] not in held]
     unseen = [x for x in train + dev if x["voice"] in held]
     if clips:
-        seen_train, dev, unseen = seen_train[:clips], dev[: clips // 4], unseen[: clips // 4]
+        dev, unseen = dev[: clips // 4], unseen[: clips // 4]
+    # the corpus's dev shares 50 of its 200 strings with its train (mostly 2-digit ones: there are only 100), and
+    # the held-out voices' strings recur in other voices' clips: training keeps none of them
+    scored = {x["text"] for x in dev + unseen}
+    seen_train = [x for x in train if x["voice"] not in held and x["text"] not in scored][:clips]
     (out / "data").mkdir(parents=True, exist_ok=True)
+    if (extra or hard) and (missing := digit_speech.missing_tools()):
+        raise SystemExit(f"--extra/--hard synthesize speech with espeak-ng and sox: {', '.join(missing)} not found "
+                         "(Debian: apt-get install espeak-ng sox), or pass --extra 0 --hard 0")
+    # strings: the hard set's are new to the corpus; dev, unseen and hard strings occur in no training stage
+    corpus = {x["text"] for x in train + dev}
+    rng = random.Random(seed)
+    hard_strings = draw_strings(hard, rng, set(corpus))
+    held_strings = scored | set(hard_strings)
+    extra_strings = draw_strings(extra, rng, corpus | held_strings)
+    synthesized = {}
+    if hard:
+        synthesized["hard"] = digit_speech.write_set(out / "data" / "hard", digit_speech.hard_rows(hard_strings, seed + 1))
+    if extra:
+        seen_voices = sorted({x["voice"] for x in seen_train})
+        synthesized["extra"] = digit_speech.write_set(out / "data" / "extra", digit_speech.extra_rows(extra_strings, seen_voices, seed + 2))
+    extra_rows = [json.loads(line) for line in synthesized["extra"].read_text().splitlines()] if extra else []
 
-    def speech(rows, name, split_of):
+    def speech(rows, name, split_of, root=data.resolve()):
         path = out / "data" / name
         with open(path, "w") as f:
-            for x in rows:
-                f.write(json.dumps({"audio": str(data / x["audio"]), "text": x["text"], "voice": x["voice"], "split": split_of(x)}) + "\n")
+            for x in rows:  # the corpus's paths are relative to it; the synthesized sets' are absolute
+                f.write(json.dumps({"audio": str(root / x["audio"]), "text": x["text"], "voice": x["voice"], "split": split_of(x)}) + "\n")
         return path
 
     def text(rows, name, forms):
@@ -104,21 +145,20 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int) -> dict[s
                     f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": x["text"]}]}) + "\n")
         return path
 
-    # the text task is not limited to the recorded strings: fresh random ones (never a dev or unseen-voice string)
-    held_strings = {x["text"] for x in dev + unseen}
-    rng = random.Random(0)
-    synthetic = []
-    while len(synthetic) < lm_strings:
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
-        if digits not in held_strings:
-            synthetic.append({"text": digits, "spoken": " ".join(WORDS[int(d)] for d in digits)})
-    return {
+    # the text task is not limited to the recorded strings: fresh random ones (never a dev, unseen or hard string)
+    synthetic = [{"text": d, "spoken": digit_speech.spoken(d)} for d in draw_strings(lm_strings, random.Random(0), set(held_strings))]
+    manifests = {
         "lm_train": text(seen_train + synthetic, "lm_train.jsonl", (False, True)),
         "lm_dev": text(dev, "lm_dev.jsonl", (False,)), "lm_dev_stretched": text(dev, "lm_dev_stretched.jsonl", (True,)),
-        "train": speech(seen_train, "train.jsonl", lambda x: "train"), "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
+        "train": speech(seen_train + extra_rows, "train.jsonl", lambda x: "extra" if "condition" in x else "train"),
+        "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
         "unseen": speech(unseen, "unseen.jsonl", lambda x: "train" if x in train else "dev"),
         "held_out_voices": sorted(held),
     }
+    if hard:
+        manifests["hard"] = speech([json.loads(line) for line in synthesized["hard"].read_text().splitlines()], "hard.jsonl",
+                                   lambda x: "hard")
+    return manifests
 
 
 def write_small_base(folder: Path, p: dict, seed: int = 0, family: str = "qwen2_vl") -> Path:
@@ -185,7 +225,7 @@ def to_digits(text: str) -> str:
     return "".join(t if t.isdigit() else str(WORDS.index(t)) for t in tokens if t.isdigit() or t in WORDS)
 
 
-def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, float]:
+def whisper_baseline(manifests: dict[str, Path], whisper: Path, sets: tuple[str, ...] = ("dev", "unseen")) -> dict[str, float]:
     """Exact match of Whisper tiny.en's own greedy transcripts (number words → digits), via transformers.
 
     The shared checkpoint has no preprocessor or generation config, so the features come from a
@@ -202,7 +242,7 @@ def whisper_baseline(manifests: dict[str, Path], whisper: Path) -> dict[str, flo
     tok = Tokenizer.from_file(str(whisper / "tokenizer.json"))
     start = [cfg.decoder_start_token_id, tok.token_to_id("<|notimestamps|>")]
     out = {}
-    for name in ("dev", "unseen"):
+    for name in sets:
         rows = [json.loads(line) for line in manifests[name].with_suffix(".jsonl").read_text().splitlines()]
         hits = 0
         for i in range(0, len(rows), 16):
@@ -259,15 +299,17 @@ def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None) ->
 
 
 def quantized(results: dict, out: Path, manifests: dict, cache: str) -> None:
-    """The stage-2 model with its LLM in bf16, int8 and int4 (adapter on top): dev and unseen-voice exact match."""
+    """The stage-2 model with its LLM in bf16, int8 and int4 (adapter on top; "+head": the vocabulary head quantized
+    too): exact match on the speech sets."""
     from qva.pretrained import load
 
-    rows = {}
-    for fmt in (None, "int8", "int4"):
+    rows, sets = {}, tuple(k for k in ("dev", "unseen", "hard") if k in manifests)
+    for fmt, modules in ((None, ("llm",)), ("int8", ("llm",)), ("int8", ("llm", "head")), ("int4", ("llm",)), ("int4", ("llm", "head"))):
         t0 = time.perf_counter()
-        model = load(out / "stage2", dtype=torch.bfloat16, quantize=fmt)
-        rows[fmt or "bf16"] = {**score(model, manifests, ("dev", "unseen"), cache), "seconds": time.perf_counter() - t0}
-        print(f"== stage 2, LLM {fmt or 'bf16'}: {rows[fmt or 'bf16']}", flush=True)
+        model = load(out / "stage2", dtype=torch.bfloat16, quantize=fmt, quantize_modules=modules)
+        name = (fmt or "bf16") + ("+head" if "head" in modules else "")
+        rows[name] = {**score(model, manifests, sets, cache), "seconds": time.perf_counter() - t0}
+        print(f"== stage 2, LLM {name}: {rows[name]}", flush=True)
     results["quantized"] = rows
 
 
@@ -283,22 +325,32 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--family", choices=("qwen2_vl", "qwen3_vl"), default="qwen2_vl", help="the small base's family")
     p.add_argument("--parquet", action="store_true", help="train and score the speech stages from parquet-with-bytes copies of the sets")
+    p.add_argument("--extra", type=int, default=None, help="synthesized training clips (espeak-ng + sox; full recipe: 1200, slice: 0)")
+    p.add_argument("--hard", type=int, default=None, help="clips of the hard unseen set (full recipe: 200, slice: 0)")
+    p.add_argument("--whisper-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the cached Whisper rows' dtype (auto: bf16 where the CPU multiplies it natively)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    prm = SLICE if args.slice else FULL
+    print(cpu_header(), flush=True)
+    prm = dict(SLICE if args.slice else FULL)
+    prm.update({k: getattr(args, k) for k in ("extra", "hard") if getattr(args, k) is not None})
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"])
+    t0 = time.perf_counter()
+    manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"], prm["extra"], prm["hard"], args.seed)
+    speech_sets = tuple(k for k in ("dev", "unseen", "hard") if k in manifests)
     if args.parquet:  # the speech sets as datasets ship them: the clips' bytes inside the parquet rows
-        manifests.update({k: to_parquet(manifests[k]) for k in ("train", "dev", "unseen")})
-    whisper_dtype = "bf16" if cpu_has_fast_half_matmul() else "fp32"  # frozen and cached: the fast one
+        manifests.update({k: to_parquet(manifests[k]) for k in ("train", *speech_sets)})
+    whisper_dtype = args.whisper_dtype
+    if whisper_dtype == "auto":
+        whisper_dtype = "bf16" if cpu_has_fast_half_matmul() else "fp32"  # frozen and cached: the fast one
     cache = str(out / "whisper-cache")
     todo = args.stages.split(",")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm, family=args.family,
-                   data_format="parquet" if args.parquet else "jsonl")
+                   data_format="parquet" if args.parquet else "jsonl", cpu=cpu_header(), prepare_seconds=time.perf_counter() - t0)
     common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
                   rows_cache=cache, keep_last=1, prompt=PROMPT)
 
@@ -308,22 +360,24 @@ def main() -> None:
                           out=str(out / "lm"), steps=prm["lm_steps"], lr=prm["lm_lr"], warmup_steps=prm["lm_steps"] // 10,
                           freeze=("embeddings",), eval_every=prm["eval_every"], **common)
         stage(results, "lm", cfg, manifests, ("lm_dev", "lm_dev_stretched"))
+    watched = ",".join(str(manifests[k]) for k in speech_sets[:2])  # dev (chooses the best checkpoint), unseen voices
     if "stage1" in todo:
         cfg = TrainConfig(stage="1", model=str(out / "lm"), whisper=str(args.whisper), train_data=str(manifests["train"]),
-                          eval=str(manifests["dev"]), out=str(out / "stage1"), audio_pool=4, whisper_dtype=whisper_dtype,
+                          eval_data=watched, out=str(out / "stage1"), audio_pool=4, whisper_dtype=whisper_dtype,
                           steps=prm["s1_steps"], lr=prm["s1_lr"], warmup_steps=prm["s1_steps"] // 10, eval_every=prm["eval_every"], **common)
-        stage(results, "stage1", cfg, manifests, ("dev", "unseen"))
+        stage(results, "stage1", cfg, manifests, speech_sets)
     if "stage2" in todo and prm["s2_steps"]:
-        cfg = TrainConfig(stage="2", model=str(out / "stage1"), train_data=str(manifests["train"]), eval_data=str(manifests["dev"]),
-                          out=str(out / "stage2"), whisper_dtype=whisper_dtype, lora_rank=prm["rank"], lora_alpha=2 * prm["rank"],
+        cfg = TrainConfig(stage="2", model=str(out / "stage1"), train_data=str(manifests["train"]),
+                          eval_data=watched, out=str(out / "stage2"), whisper_dtype=whisper_dtype, lora_rank=prm["rank"],
+                          lora_alpha=2 * prm["rank"],
                           lora_dropout=0.05, steps=prm["s2_steps"], lr=prm["s2_lr"], projector_lr=prm["s2_projector_lr"],
                           warmup_steps=prm["s2_steps"] // 10, eval_every=prm["eval_every"], **common)
-        stage(results, "stage2", cfg, manifests, ("dev", "unseen"))
+        stage(results, "stage2", cfg, manifests, speech_sets)
     if "quantized" in todo:
         quantized(results, out, manifests, cache)
     if "baseline" in todo:
         t0 = time.perf_counter()
-        results["whisper_tiny_en"] = {**whisper_baseline(manifests, args.whisper), "seconds": time.perf_counter() - t0}
+        results["whisper_tiny_en"] = {**whisper_baseline(manifests, args.whisper, speech_sets), "seconds": time.perf_counter() - t0}
         print(f"== Whisper tiny.en's own decoder: {results['whisper_tiny_en']}", flush=True)
     results_file.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -5,9 +5,13 @@ of the whole 2–6-digit string by chance is under 1%; the slice must clear that
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import soundfile as sf
 from conftest import ROOT, SHARED, WHISPER_TINY_EN, need_shared
 
 from weights_loader import Checkpoint
@@ -28,3 +32,27 @@ def test_digits_recipe_slice_hears(tmp_path):
     assert results["stage1"]["dev"] >= 5.0 and results["stage1"]["unseen"] >= 5.0  # speech through the projector only
     with Checkpoint(tmp_path / "stage1") as ckpt:  # a qva.save folder: the graft, Whisper included
         assert "audio_projector.weight" in ckpt.names() and any(n.startswith("audio_encoder.") for n in ckpt.names())
+
+
+@need_shared(DIGITS)
+@pytest.mark.skipif(bool(shutil.which("espeak-ng") is None or shutil.which("sox") is None), reason="espeak-ng and sox (Debian) not installed")
+def test_digits_recipe_sets_keep_apart(tmp_path):
+    """The synthesized sets: 16 kHz mono FLAC, reproducible (a second call reuses them), the hard set's voices new to
+    the corpus, and no dev, unseen-voice or hard string in any training manifest (text or speech)."""
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import bench_train
+
+    m = bench_train.prepare(DIGITS, tmp_path, 40, 50, extra=3, hard=4)
+    rows = {k: [json.loads(line) for line in m[k].read_text().splitlines()] for k in ("train", "dev", "unseen", "hard", "lm_train")}
+    assert [r["split"] for r in rows["train"]].count("extra") == 3 and len(rows["hard"]) == 4
+    corpus = [json.loads(line) for f in ("train.jsonl", "dev.jsonl") for line in (DIGITS / f).read_text().splitlines()]
+    assert not {r["voice"] for r in rows["hard"]} & {x["voice"] for x in corpus}
+    held = {r["text"] for k in ("dev", "unseen", "hard") for r in rows[k]}
+    trained = {r["text"] for r in rows["train"]} | {r["messages"][1]["content"] for r in rows["lm_train"]}
+    assert held and not held & trained
+    for r in rows["hard"] + [r for r in rows["train"] if r["split"] == "extra"]:
+        info = sf.info(r["audio"])
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC") and info.duration > 0.5, (r, info)
+    stamp = Path(rows["hard"][0]["audio"]).stat().st_mtime_ns
+    bench_train.prepare(DIGITS, tmp_path, 40, 50, extra=3, hard=4)
+    assert Path(rows["hard"][0]["audio"]).stat().st_mtime_ns == stamp  # the same rows: the clips are reused

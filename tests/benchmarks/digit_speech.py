@@ -1,0 +1,131 @@
+"""Synthetic connected-digit speech for the digits recipe: espeak-ng speaks, sox resamples and degrades. Not a test.
+
+Two sets, both written as `{"audio", "text", "spoken", "voice", "rate", "pitch", "condition", "seconds"}` manifests
+(the shared corpus's fields plus the recording condition), 16 kHz mono 16-bit FLAC, fully determined by a seed:
+
+  extra   more training speech: the corpus's own seen voices and ranges (rate 135–195 wpm, pitch 30–70, word gap
+          0–4), fresh strings, and the training-side augmentation — sox `speed` 0.9 or 1.1 (tempo and pitch) on two
+          clips in three, white noise at 20–40 dB SNR on one in two
+  hard    the unseen set no stage trains or selects on: accents the corpus never uses (en-gb-x-rp, en-gb-x-gbclan,
+          en-gb-x-gbcwmd, en-us-nyc) × voice variants it never uses, rates and pitches outside its ranges
+          (100–130 or 200–240 wpm; pitch 10–28 or 72–90), and a recording condition no training clip has:
+          reverberation, an 8 kHz telephone band (300–3400 Hz), pink noise at 10–20 dB SNR, or reverberation with
+          pink noise; each at a random level (−12 to 0 dB)
+
+Strings are the caller's (it keeps them out of every other set). `espeak-ng` and `sox` are Debian packages;
+`missing_tools()` names the absent ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+HARD_ACCENTS = ("en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
+HARD_VARIANTS = ("f4", "f5", "m5", "m6", "m7", "m8", "Alex", "Annie", "Andrea", "edward", "grandma", "grandpa", "iven",
+                 "steph2", "travis", "zac", "aunty", "shelby", "norbert", "quincy")
+HARD_CONDITIONS = ("reverb", "telephone", "pink-noise", "reverb+pink-noise")
+
+
+def missing_tools() -> list[str]:
+    return [t for t in ("espeak-ng", "sox") if shutil.which(t) is None]
+
+
+def spoken(digits: str) -> str:
+    return " ".join(WORDS[int(d)] for d in digits)
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise with power ∝ 1/f: white noise shaped in the frequency domain, unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1.0))
+    noise = np.fft.irfft(spectrum, n)
+    return noise / (np.sqrt(np.mean(noise ** 2)) + 1e-12)
+
+
+def at_snr(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """`wave` + `noise` (unit RMS) at `snr_db` below the speech's RMS (over its non-silent samples)."""
+    voiced = wave[np.abs(wave) > 0.01 * np.abs(wave).max()] if np.any(wave) else wave
+    rms = np.sqrt(np.mean(voiced ** 2)) if voiced.size else 0.0
+    return wave + noise * rms / 10 ** (snr_db / 20)
+
+
+def render(out: Path, row: dict, tmp: Path) -> float:
+    """One clip: espeak-ng → sox (resample, speed, reverb or telephone band) → numpy noise and level → FLAC."""
+    raw, mid = tmp / f"{out.stem}.wav", tmp / f"{out.stem}.16k.wav"
+    subprocess.run(["espeak-ng", "-v", row["voice"], "-s", str(row["rate"]), "-p", str(row["pitch"]), "-g", str(row["gap"]),
+                    "-w", str(raw), row["spoken"]], check=True, capture_output=True)
+    effects = []
+    if row.get("speed", 1.0) != 1.0:
+        effects += ["speed", str(row["speed"])]
+    if "reverb" in row["condition"]:
+        effects += ["reverb", str(row["reverb"]), "50", "100", "pad", "0", "0.3"]
+    if row["condition"] == "telephone":
+        effects += ["sinc", "300-3400", "rate", "8k"]
+    subprocess.run(["sox", str(raw), "-c", "1", "-b", "16", str(mid), *effects, "rate", "16k"], check=True, capture_output=True)
+    wave, rate = sf.read(mid, dtype="float64")
+    rng = np.random.default_rng(row["seed"])
+    if "pink-noise" in row["condition"]:
+        wave = at_snr(wave, pink_noise(len(wave), rng), row["snr"])
+    elif "white-noise" in row["condition"]:
+        wave = at_snr(wave, rng.standard_normal(len(wave)), row["snr"])
+    wave = wave * 10 ** (row.get("gain_db", 0.0) / 20)
+    peak = np.abs(wave).max()
+    if peak > 0.99:
+        wave = wave * (0.99 / peak)
+    sf.write(out, wave.astype(np.float32), rate, subtype="PCM_16", format="FLAC")
+    raw.unlink()
+    mid.unlink()
+    return len(wave) / rate
+
+
+def extra_rows(strings: list[str], voices: list[str], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i, digits in enumerate(strings):
+        noisy = rng.random() < 0.5
+        rows.append({"text": digits, "spoken": spoken(digits), "voice": rng.choice(voices), "rate": rng.randint(135, 195),
+                     "pitch": rng.randint(30, 70), "gap": rng.randint(0, 4), "speed": rng.choice((0.9, 1.0, 1.1)),
+                     "condition": "white-noise" if noisy else "clean", "snr": round(rng.uniform(20, 40), 1), "seed": seed * 100003 + i})
+    return rows
+
+
+def hard_rows(strings: list[str], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i, digits in enumerate(strings):
+        rate = rng.randint(100, 130) if rng.random() < 0.5 else rng.randint(200, 240)
+        pitch = rng.randint(10, 28) if rng.random() < 0.5 else rng.randint(72, 90)
+        rows.append({"text": digits, "spoken": spoken(digits), "voice": f"{rng.choice(HARD_ACCENTS)}+{rng.choice(HARD_VARIANTS)}",
+                     "rate": rate, "pitch": pitch, "gap": rng.randint(0, 6), "condition": rng.choice(HARD_CONDITIONS),
+                     "reverb": rng.randint(40, 90), "snr": round(rng.uniform(10, 20), 1), "gain_db": round(rng.uniform(-12, 0), 1),
+                     "seed": seed * 100003 + i})
+    return rows
+
+
+def write_set(folder: Path, rows: list[dict], workers: int = 2) -> Path:
+    """Render `rows` into `folder` (clips + manifest.jsonl); a folder whose manifest already lists exactly these rows
+    is reused as it is."""
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    fingerprint = folder / "rows.json"
+    if manifest.is_file() and fingerprint.is_file() and json.loads(fingerprint.read_text()) == rows:
+        return manifest
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
+        seconds = list(pool.map(lambda ir: render(folder / f"{ir[0]:05d}.flac", ir[1], Path(tmp)), enumerate(rows)))
+    with open(manifest, "w") as f:
+        for i, (row, s) in enumerate(zip(rows, seconds)):
+            keep = {k: row[k] for k in ("text", "spoken", "voice", "rate", "pitch", "condition")}
+            f.write(json.dumps({"audio": str(folder / f"{i:05d}.flac"), **keep, "seconds": round(s, 3)}) + "\n")
+    fingerprint.write_text(json.dumps(rows))
+    return manifest

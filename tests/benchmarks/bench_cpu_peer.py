@@ -19,7 +19,8 @@ int8 ↔ Q8_0, int4 (groups of `--group-size`) ↔ Q4_0, each qva format also wi
 
 and the bytes each format reads per decoded token (decoder layers, final norm and the head as each side holds
 them; the embedding gather reads one row) over the memory bandwidth measured here (a 1 GiB fp32 reduction): each
-format's share of its own roofline. Both sides use `--threads` threads. The header names the CPU and its flags.
+format's share of its own roofline; and the bytes/s of qva's one-row products (a gate_proj and the head) per
+variant. Both sides use `--threads` threads. The header names the CPU and its flags.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def gguf_files(llama: Path, ckpt: Path, work: Path) -> dict[str, Path]:
             (src / f.name).symlink_to(f.resolve())
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
             shutil.copy(TOKENIZER / name, src / name)
-    env = {**os.environ, "PYTHONPATH": str(llama / "gguf-py")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(llama / d) for d in ("gguf-py", "pydeps"))}
     files = {"BF16": work / f"{ckpt.name}-BF16.gguf"}
     if not files["BF16"].is_file():
         print(f"converting {ckpt.name} to GGUF BF16 (llama.cpp's convert_hf_to_gguf.py) ...", flush=True)
@@ -140,6 +141,28 @@ def qva_accuracy(models: dict, prompt: torch.Tensor, new_tokens: int = 32) -> di
     return out
 
 
+def kernel_rates(models: dict, repeats: int = 30) -> dict[str, dict[str, float]]:
+    """The bytes/s each variant's one-row product reads at decode: layer 0's gate_proj (8960 × 1536 at the 2B's
+    shape) and the vocabulary head (151 936 × 1536), median of `repeats` calls after a warm-up."""
+    out = {}
+    with torch.inference_mode():
+        for name, m in models.items():
+            out[name] = {}
+            for label, layer in (("gate_proj", m.model.layers[0].mlp.gate_proj), ("head", m.lm_head)):
+                x = torch.randn(1, layer.in_features, dtype=m.dtype)
+                held = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+                layer(x)
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    layer(x)
+                    times.append(time.perf_counter() - t)
+                out[name][label] = held / statistics.median(times)
+            print(f"one-row product, {name}: gate_proj {out[name]['gate_proj'] / 1e9:.1f} GB/s, head {out[name]['head'] / 1e9:.1f} GB/s",
+                  flush=True)
+    return out
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):8.2f} [{min(xs):.2f}–{max(xs):.2f}]"
 
@@ -189,13 +212,14 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v['decode'][-1]:.1f}" for k, v in runs.items()) + " tok/s decode",
               flush=True)
 
+    rates = kernel_rates(models)
     mode = "compiled" if args.compile else "eager"
     print(f"\n{header}\nmemory bandwidth {bw / 1e9:.1f} GB/s; {args.layers} layers; decode batch 1: {args.new_tokens} new tokens after "
           f"{args.prompt}; pp: {args.prompt} tokens; {args.rounds} interleaved rounds, median [min–max]; qva {mode}")
     print("| format | decode tok/s | vs llama.cpp | GB read / token | of its roofline | pp tok/s | vs llama.cpp |")
     print("|---|---|---|---|---|---|---|")
     out = {"cpu": header, "bandwidth_Bps": bw, "layers": args.layers, "threads": args.threads, "mode": mode, "rows": {}, "gguf_types": types,
-           "accuracy": accuracy}
+           "accuracy": accuracy, "one_row_bytes_per_s": rates}
     for kind in GGUF_TYPES:
         for key, peer in [(kind, None)] + [(name, kind) for name, v in VARIANTS.items() if v[2] == kind]:
             d, pp = runs[key]["decode"], runs[key]["pp"]

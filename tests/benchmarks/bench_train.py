@@ -61,8 +61,8 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=600, lm_lr=3e-3, batch=64,
             s1_steps=300, s1_lr=3e-3, s2_steps=600, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
             lm_strings=10000, extra=1200, hard=200)
-SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=150, lm_lr=5e-3, batch=32,
-             s1_steps=60, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
+SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=220, lm_lr=5e-3, batch=32,
+             s1_steps=100, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
              lm_strings=4000, extra=0, hard=0)
 
 

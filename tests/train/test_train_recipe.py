@@ -28,7 +28,7 @@ def test_digits_recipe_slice_hears(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     print(json.dumps({k: results[k] for k in ("lm", "stage1")}))
-    assert results["lm"]["lm_dev"] >= 10.0  # the text form alone, 2 layers and 150 steps
+    assert results["lm"]["lm_dev"] >= 10.0  # the text form alone, 2 layers and 220 steps
     assert results["stage1"]["dev"] >= 5.0 and results["stage1"]["unseen"] >= 5.0  # speech through the projector only
     with Checkpoint(tmp_path / "stage1") as ckpt:  # a qva.save folder: the graft, Whisper included
         assert "audio_projector.weight" in ckpt.names() and any(n.startswith("audio_encoder.") for n in ckpt.names())

@@ -108,5 +108,5 @@ def test_stream_under_torchrun_equals_one_process(train_dirs, tmp_path, mode):
     run(train_dirs, tmp_path / "one", *common, "--grad-accum", "2", manifest=manifest)
     run(train_dirs, tmp_path / "two", *common, *(["--fsdp"] if mode == "fsdp" else []), procs=2, manifest=manifest)
     a, b = last_weights(tmp_path / "one"), last_weights(tmp_path / "two")
-    assert max(max_rel_err(a[n], b[n]) for n in a) <= 1e-6
+    assert max(max_rel_err(a[n], b[n]) for n in a) <= 1e-5  # fp32: the all-reduce sums in another order than one process accumulating
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)

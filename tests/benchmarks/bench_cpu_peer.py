@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench_generate import memory_bandwidth  # noqa: E402
+from bench_generate import decode_bytes_per_token, memory_bandwidth  # noqa: E402
 from bench_qwen2vl import cached_2b  # noqa: E402
 from common import cpu_header  # noqa: E402
 
@@ -83,7 +83,8 @@ def gguf_files(llama: Path, ckpt: Path, work: Path) -> dict[str, Path]:
 def gguf_bytes_per_token(llama: Path, path: Path) -> tuple[int, dict[str, str]]:
     """Bytes a decode step reads from a GGUF file (every tensor but the embedding, which is gathered — unless it is
     also the head), and the type of the head and of a decoder weight."""
-    sys.path.insert(0, str(llama / "gguf-py"))
+    if str(llama / "gguf-py") not in sys.path:
+        sys.path.insert(0, str(llama / "gguf-py"))
     from gguf import GGUFReader
 
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
@@ -92,14 +93,6 @@ def gguf_bytes_per_token(llama: Path, path: Path) -> tuple[int, dict[str, str]]:
     types = {"head": head.tensor_type.name, "ffn_down": tensors["blk.0.ffn_down.weight"].tensor_type.name,
              "attn_q": tensors["blk.0.attn_q.weight"].tensor_type.name}
     return total, types
-
-
-def qva_bytes_per_token(model) -> int:
-    """Bytes a decode step reads from qva's model: the decoder layers and final norm as held, and the head."""
-    llm = model.model
-    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*llm.layers.state_dict().values(), *llm.norm.state_dict().values()]}
-    held.update({t.data_ptr(): t.numel() * t.element_size() for t in model.lm_head.state_dict().values()})
-    return sum(held.values())
 
 
 def llama_bench(llama: Path, gguf: Path, threads: int, prompt: int, new_tokens: int) -> dict[str, float]:
@@ -192,7 +185,7 @@ def main() -> None:
     bw = memory_bandwidth(torch.device("cpu"))
     models = {name: qva.load(ckpt, dtype=torch.bfloat16, quantize=q, quantize_modules=mods, group_size=args.group_size)
               for name, (q, mods, _) in VARIANTS.items()}
-    read = {name: qva_bytes_per_token(m) for name, m in models.items()}
+    read = {name: decode_bytes_per_token(m) for name, m in models.items()}
     types = {}
     for kind, f in ggufs.items():
         read[kind], types[kind] = gguf_bytes_per_token(llama, f)

@@ -52,11 +52,11 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0) -> float:
 
 
 def decode_bytes_per_token(model: QVAModel) -> int:
-    """Weights one decode step reads: every LLM layer, the final norm, and the (tied) head once."""
+    """Bytes one decode step reads: every LLM layer, the final norm and the head, as held (bf16 weights or
+    quantized buffers; a tied head once)."""
     llm = model.model
-    layer_bytes = sum(p.numel() * p.element_size() for p in llm.layers.parameters())
-    head = model.lm_head.weight
-    return layer_bytes + sum(p.numel() * p.element_size() for p in llm.norm.parameters()) + head.numel() * head.element_size()
+    held = [*llm.layers.state_dict().values(), *llm.norm.state_dict().values(), *model.lm_head.state_dict().values()]
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in held}.values())
 
 
 def checkpoints(args) -> tuple[Path, Path]:

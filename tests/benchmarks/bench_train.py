@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import cpu_header  # noqa: E402
+from digit_speech import WORDS  # noqa: E402
 
 from qva.demo import randomize_  # noqa: E402
 from qva.linear import cpu_has_fast_half_matmul  # noqa: E402
@@ -56,7 +57,6 @@ DATA = ROOT / "shared" / "data" / "spoken-digits"
 WHISPER = ROOT / "shared" / "data" / "whisper-tiny.en"
 TOKENIZER = ROOT / "shared" / "data" / "qwen2-vl-tokenizer"
 PROMPT = "Transcribe the digits."
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=600, lm_lr=3e-3, batch=64,
             s1_steps=300, s1_lr=3e-3, s2_steps=600, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
@@ -332,7 +332,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(cpu_header(), flush=True)
+    header = cpu_header()
+    print(header, flush=True)
     prm = dict(SLICE if args.slice else FULL)
     prm.update({k: getattr(args, k) for k in ("extra", "hard") if getattr(args, k) is not None})
     out = args.out
@@ -350,7 +351,7 @@ def main() -> None:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results.update(held_out_voices=manifests["held_out_voices"], whisper_dtype=whisper_dtype, params=prm, family=args.family,
-                   data_format="parquet" if args.parquet else "jsonl", cpu=cpu_header(), prepare_seconds=time.perf_counter() - t0)
+                   data_format="parquet" if args.parquet else "jsonl", cpu=header, prepare_seconds=time.perf_counter() - t0)
     common = dict(seed=args.seed, batch_size=prm["batch"], log_every=25, eval_limit=64, max_new_tokens=12, eval_batch_size=64,
                   rows_cache=cache, keep_last=1, prompt=PROMPT)
 

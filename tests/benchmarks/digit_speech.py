@@ -22,12 +22,16 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from weights_loader.writer import atomic_file  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 HARD_ACCENTS = ("en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
@@ -123,9 +127,8 @@ def write_set(folder: Path, rows: list[dict], workers: int = 2) -> Path:
         return manifest
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
         seconds = list(pool.map(lambda ir: render(folder / f"{ir[0]:05d}.flac", ir[1], Path(tmp)), enumerate(rows)))
-    with open(manifest, "w") as f:
-        for i, (row, s) in enumerate(zip(rows, seconds)):
-            keep = {k: row[k] for k in ("text", "spoken", "voice", "rate", "pitch", "condition")}
-            f.write(json.dumps({"audio": str(folder / f"{i:05d}.flac"), **keep, "seconds": round(s, 3)}) + "\n")
-    fingerprint.write_text(json.dumps(rows))
+    lines = [json.dumps({"audio": str(folder / f"{i:05d}.flac"), **{k: row[k] for k in ("text", "spoken", "voice", "rate", "pitch", "condition")},
+                         "seconds": round(s, 3)}) for i, (row, s) in enumerate(zip(rows, seconds))]
+    atomic_file(manifest, "".join(line + "\n" for line in lines))
+    atomic_file(fingerprint, json.dumps(rows))  # last: a set cut short is rendered again
     return manifest

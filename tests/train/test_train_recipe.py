@@ -35,7 +35,7 @@ def test_digits_recipe_slice_hears(tmp_path):
 
 
 @need_shared(DIGITS)
-@pytest.mark.skipif(bool(shutil.which("espeak-ng") is None or shutil.which("sox") is None), reason="espeak-ng and sox (Debian) not installed")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="espeak-ng and sox (Debian) not installed")
 def test_digits_recipe_sets_keep_apart(tmp_path):
     """The synthesized sets: 16 kHz mono FLAC, reproducible (a second call reuses them), the hard set's voices new to
     the corpus, and no dev, unseen-voice or hard string in any training manifest (text or speech)."""

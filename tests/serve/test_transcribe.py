@@ -351,12 +351,13 @@ def test_a_client_that_leaves_frees_the_rows_and_a_full_queue_is_429(demo_dirs):
         until(lambda: metric(srv, f'qva_http_requests_total{{route="{TRANSCRIBE}",status="499"}}') == 1, 5, "not counted as gone")
         assert metric(srv, "qva_generation_tokens_total") < 2000
         held = []
-        for _ in range(2):  # one streams in the row, one waits in the queue
+        for _ in range(2):  # one streams in the row, then one waits in the queue (in that order: sent together they race)
             c = HTTPConnection("127.0.0.1", srv.port, timeout=30)
             chat = {"model": NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "temperature": 0, "stream": True}
             c.request("POST", "/v1/chat/completions", json.dumps(chat), {"Content-Type": "application/json"})
             held.append(c)
-        held[0].getresponse().fp.readline()
+            if len(held) == 1:
+                held[0].getresponse().fp.readline()
         until(lambda: metric(srv, "qva_queue_depth") == 1, 20, "the second chat did not queue")
         status, raw = post_form(srv, TRANSCRIBE, body, ctype)
         assert status == 429 and json.loads(raw)["error"]["code"] == "queue_full"

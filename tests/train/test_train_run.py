@@ -314,9 +314,11 @@ def trainer(train_dirs, out: Path, steps: int, procs: int = 1, *extra) -> list[s
             str(29600 + os.getpid() % 300), "-m", "qva.train", *args]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # bit-exact needs one thread count: kernels split sums by thread
+
+
 def run_until_stopped(cmd: list[str], out: Path, sig: int, after_steps: int = 3, second: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= after_steps:
@@ -340,9 +342,9 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_bit_exact
     done = int(json.loads((out / "checkpoints" / steps_saved(out)[-1] / "state.json").read_text())["step"])
     assert 3 <= done < 400 and C.intact(out / "checkpoints" / steps_saved(out)[-1])
     target = done + 2
-    resumed = subprocess.run(trainer(train_dirs, out, target, 1, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(trainer(train_dirs, out, target, 1, "--resume"), capture_output=True, text=True, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = subprocess.run(trainer(train_dirs, tmp_path / "whole", target), capture_output=True, text=True)
+    whole = subprocess.run(trainer(train_dirs, tmp_path / "whole", target), capture_output=True, text=True, env=ONE_THREAD)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert losses(out)[:target] == losses(tmp_path / "whole")  # constant lr: the cut run equals one of `target` steps
     a, b = final_trainable(out), final_trainable(tmp_path / "whole")
@@ -395,10 +397,10 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(train_dirs, tm
     assert steps_saved(out)[-1] == f"step-{done:08d}" and C.intact(out / "checkpoints" / f"step-{done:08d}")
     target = done + 1
     resumed = subprocess.run(trainer(train_dirs, out, target, 2, "--resume"), capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     whole = subprocess.run(trainer(train_dirs, tmp_path / "whole", target, 2), capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env=ONE_THREAD)
     assert whole.returncode == 0, whole.stderr[-2000:]
     a, b = final_trainable(out), final_trainable(tmp_path / "whole")
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -5,7 +5,10 @@ Two sets, both written as `{"audio", "text", "spoken", "voice", "rate", "pitch",
 
   extra   more training speech: the corpus's own seen voices and ranges (rate 135–195 wpm, pitch 30–70, word gap
           0–4), fresh strings, and the training-side augmentation — sox `speed` 0.9 or 1.1 (tempo and pitch) on two
-          clips in three, white noise at 20–40 dB SNR on one in two
+          clips in three, white noise at 20–40 dB SNR on one in two; `broad`: instead one recording condition of
+          TRAIN_CONDITIONS a clip (clean on two in eight): white noise at 20–40 dB SNR, brown noise (1/f²) at
+          15–30 dB, a low-pass at 4–6.5 kHz, a high-pass at 80–200 Hz, one discrete echo (40–120 ms), a ±6 dB
+          equaliser band — none of them the hard set's
   hard    the unseen set no stage trains or selects on: accents the corpus never uses (en-gb-x-rp, en-gb-x-gbclan,
           en-gb-x-gbcwmd, en-us-nyc) × voice variants it never uses, rates and pitches outside its ranges
           (100–130 or 200–240 wpm; pitch 10–28 or 72–90), and a recording condition no training clip has:
@@ -38,6 +41,7 @@ HARD_ACCENTS = ("en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
 HARD_VARIANTS = ("f4", "f5", "m5", "m6", "m7", "m8", "Alex", "Annie", "Andrea", "edward", "grandma", "grandpa", "iven",
                  "steph2", "travis", "zac", "aunty", "shelby", "norbert", "quincy")
 HARD_CONDITIONS = ("reverb", "telephone", "pink-noise", "reverb+pink-noise")
+TRAIN_CONDITIONS = ("clean", "clean", "white-noise", "brown-noise", "lowpass", "highpass", "echo", "eq")
 
 
 def missing_tools() -> list[str]:
@@ -48,10 +52,10 @@ def spoken(digits: str) -> str:
     return " ".join(WORDS[int(d)] for d in digits)
 
 
-def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Noise with power ∝ 1/f: white noise shaped in the frequency domain, unit RMS."""
+def coloured_noise(n: int, rng: np.random.Generator, exponent: float) -> np.ndarray:
+    """Noise with power ∝ 1/f^exponent (1: pink, 2: brown): white noise shaped in the frequency domain, unit RMS."""
     spectrum = np.fft.rfft(rng.standard_normal(n))
-    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1.0))
+    spectrum /= np.maximum(np.arange(len(spectrum)), 1.0) ** (exponent / 2)
     noise = np.fft.irfft(spectrum, n)
     return noise / (np.sqrt(np.mean(noise ** 2)) + 1e-12)
 
@@ -75,11 +79,17 @@ def render(out: Path, row: dict, tmp: Path) -> float:
         effects += ["reverb", str(row["reverb"]), "50", "100", "pad", "0", "0.3"]
     if row["condition"] == "telephone":
         effects += ["sinc", "300-3400", "rate", "8k"]
+    if row["condition"] in ("lowpass", "highpass"):
+        effects += [row["condition"], str(row["cutoff"])]
+    if row["condition"] == "echo":
+        effects += ["echo", "0.8", "0.9", str(row["delay_ms"]), str(row["decay"])]
+    if row["condition"] == "eq":
+        effects += ["equalizer", str(row["band_hz"]), "1o", str(row["band_db"])]
     subprocess.run(["sox", str(raw), "-c", "1", "-b", "16", str(mid), *effects, "rate", "16k"], check=True, capture_output=True)
     wave, rate = sf.read(mid, dtype="float64")
     rng = np.random.default_rng(row["seed"])
-    if "pink-noise" in row["condition"]:
-        wave = at_snr(wave, pink_noise(len(wave), rng), row["snr"])
+    if "pink-noise" in row["condition"] or row["condition"] == "brown-noise":
+        wave = at_snr(wave, coloured_noise(len(wave), rng, 2.0 if row["condition"] == "brown-noise" else 1.0), row["snr"])
     elif "white-noise" in row["condition"]:
         wave = at_snr(wave, rng.standard_normal(len(wave)), row["snr"])
     wave = wave * 10 ** (row.get("gain_db", 0.0) / 20)
@@ -92,14 +102,24 @@ def render(out: Path, row: dict, tmp: Path) -> float:
     return len(wave) / rate
 
 
-def extra_rows(strings: list[str], voices: list[str], seed: int) -> list[dict]:
+def extra_rows(strings: list[str], voices: list[str], seed: int, broad: bool = False) -> list[dict]:
+    """Training rows; `broad`: a condition of TRAIN_CONDITIONS each, else clean or white noise (one in two)."""
     rng = random.Random(seed)
     rows = []
     for i, digits in enumerate(strings):
-        noisy = rng.random() < 0.5
-        rows.append({"text": digits, "spoken": spoken(digits), "voice": rng.choice(voices), "rate": rng.randint(135, 195),
-                     "pitch": rng.randint(30, 70), "gap": rng.randint(0, 4), "speed": rng.choice((0.9, 1.0, 1.1)),
-                     "condition": "white-noise" if noisy else "clean", "snr": round(rng.uniform(20, 40), 1), "seed": seed * 100003 + i})
+        condition = rng.choice(TRAIN_CONDITIONS if broad else ("clean", "white-noise"))
+        row = {"text": digits, "spoken": spoken(digits), "voice": rng.choice(voices), "rate": rng.randint(135, 195),
+               "pitch": rng.randint(30, 70), "gap": rng.randint(0, 4), "speed": rng.choice((0.9, 1.0, 1.1)),
+               "condition": condition, "seed": seed * 100003 + i}
+        if condition.endswith("noise"):
+            row["snr"] = round(rng.uniform(20, 40) if condition == "white-noise" else rng.uniform(15, 30), 1)
+        elif condition in ("lowpass", "highpass"):
+            row["cutoff"] = rng.randint(4000, 6500) if condition == "lowpass" else rng.randint(80, 200)
+        elif condition == "echo":
+            row.update(delay_ms=rng.randint(40, 120), decay=round(rng.uniform(0.2, 0.4), 2))
+        elif condition == "eq":
+            row.update(band_hz=rng.randint(300, 3000), band_db=round(rng.uniform(-6, 6), 1))
+        rows.append(row)
     return rows
 
 

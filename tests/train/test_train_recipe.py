@@ -56,3 +56,24 @@ def test_digits_recipe_sets_keep_apart(tmp_path):
     stamp = Path(rows["hard"][0]["audio"]).stat().st_mtime_ns
     bench_train.prepare(DIGITS, tmp_path, 40, 50, extra=3, hard=4)
     assert Path(rows["hard"][0]["audio"]).stat().st_mtime_ns == stamp  # the same rows: the clips are reused
+
+
+def test_digits_recipe_string_and_condition_draws():
+    """`draw_strings(repeat=…)` repeats a digit at that rate and avoids what it is told to; the broad training
+    conditions never include one of the hard set's."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import bench_train
+    import digit_speech
+
+    avoid = {"12", "345"}
+    for repeat in (0.1, 0.3):
+        strings = bench_train.draw_strings(2000, random.Random(0), set(avoid), repeat=repeat)
+        pairs = [(a, b) for s in strings for a, b in zip(s, s[1:])]
+        assert abs(sum(a == b for a, b in pairs) / len(pairs) - repeat) < 0.03
+        assert len(set(strings)) == 2000 and not avoid & set(strings) and all(2 <= len(s) <= 6 for s in strings)
+    rows = digit_speech.extra_rows(["123"] * 400, ["en-us+m3"], 0, broad=True)
+    assert {r["condition"] for r in rows} == set(digit_speech.TRAIN_CONDITIONS)
+    assert not {r["condition"] for r in rows} & set(digit_speech.HARD_CONDITIONS)
+    assert {r["condition"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {"clean", "white-noise"}

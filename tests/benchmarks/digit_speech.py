@@ -42,6 +42,7 @@ HARD_VARIANTS = ("f4", "f5", "m5", "m6", "m7", "m8", "Alex", "Annie", "Andrea", 
                  "steph2", "travis", "zac", "aunty", "shelby", "norbert", "quincy")
 HARD_CONDITIONS = ("reverb", "telephone", "pink-noise", "reverb+pink-noise")
 TRAIN_CONDITIONS = ("clean", "clean", "white-noise", "brown-noise", "lowpass", "highpass", "echo", "eq")
+NOISE_EXPONENT = {"pink-noise": 1.0, "brown-noise": 2.0}  # coloured noises: power ∝ 1/f^exponent
 
 
 def missing_tools() -> list[str]:
@@ -88,9 +89,9 @@ def render(out: Path, row: dict, tmp: Path) -> float:
     subprocess.run(["sox", str(raw), "-c", "1", "-b", "16", str(mid), *effects, "rate", "16k"], check=True, capture_output=True)
     wave, rate = sf.read(mid, dtype="float64")
     rng = np.random.default_rng(row["seed"])
-    if "pink-noise" in row["condition"] or row["condition"] == "brown-noise":
-        wave = at_snr(wave, coloured_noise(len(wave), rng, 2.0 if row["condition"] == "brown-noise" else 1.0), row["snr"])
-    elif "white-noise" in row["condition"]:
+    if (exponent := NOISE_EXPONENT.get(row["condition"].removeprefix("reverb+"))) is not None:
+        wave = at_snr(wave, coloured_noise(len(wave), rng, exponent), row["snr"])
+    elif row["condition"] == "white-noise":
         wave = at_snr(wave, rng.standard_normal(len(wave)), row["snr"])
     wave = wave * 10 ** (row.get("gain_db", 0.0) / 20)
     peak = np.abs(wave).max()

@@ -54,7 +54,8 @@ def add_load_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT layout) to apply")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
+    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS),
+                   help="quantization of the linears at load: int8/int4/nf4 weights only; w8a8 int8 weights and one-row activations")
     p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper, head (the vocabulary head)")
     p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero (32, 64, 128, 256)")
 

@@ -73,10 +73,11 @@ def load(
     folder written by `save`, or a training run's adapter folder (its base is loaded, then the adapter
     and projector applied). `adapter=` applies a PEFT-layout LoRA adapter folder on top. The model
     carries `model.processor` when the folder has a tokenizer. A fresh projector is drawn from
-    N(0, initializer_range) with `seed`. `quantize="int8" | "int4" | "nf4"` stores the linear weights of the
+    N(0, initializer_range) with `seed`. `quantize="int8" | "int4" | "nf4" | "w8a8"` stores the linear weights of the
     stacks named in `quantize_modules` ("llm": the decoder layers; "vision", "whisper"; "head": the vocabulary
     head) quantized, each as it is read (int4 in groups of `group_size` along the input; biases, norms and
-    embeddings keep `dtype`); a folder that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
+    embeddings keep `dtype`; w8a8 stores int8's weights and also rounds one-row activations to 8 bits); a folder
+    that `save` wrote from a quantized model loads quantized as it was (its config.json says how).
     `progress(done, total)` is called as tensors load."""
     dtype, device = check_dtype(dtype), check_device(device)
     path = Path(path)

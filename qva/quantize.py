@@ -32,7 +32,7 @@ QUANTIZABLE = {"llm": "model.layers.", "vision": "visual.blocks.", "whisper": "a
 
 @dataclass(frozen=True)
 class Plan:
-    format: str  # "int8" | "int4" | "nf4"
+    format: str  # "int8" | "int4" | "nf4" | "w8a8"
     modules: tuple[str, ...]  # stacks of QUANTIZABLE
     group_size: int
     stored: bool  # the folder holds the quantized buffers already (a `qva.save` of a quantized model)

@@ -28,7 +28,7 @@ def prompt_ids() -> torch.Tensor:
     return torch.randint(0, 151000, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.05), ("int4", 0.5), ("nf4", 0.5)])
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.05), ("int4", 0.5), ("nf4", 0.5), ("w8a8", 0.08)])
 def test_quantized_at_load_close_to_bf16_and_round_trips(demo_dirs, tmp_path, fmt, bound):
     qwen, whisper = demo_dirs
     ref = qva.load(qwen, whisper=whisper, dtype=torch.float32)
@@ -59,7 +59,7 @@ def test_quantized_at_load_close_to_bf16_and_round_trips(demo_dirs, tmp_path, fm
     assert other.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.02), ("int4", 0.3)])
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.02), ("int4", 0.3), ("w8a8", 0.04)])
 def test_quantized_head_of_tied_embeddings(demo_dirs, tmp_path, fmt, bound):
     """quantize_modules "head": the tied head becomes a quantized copy while the embedding keeps the load dtype;
     the logits move (the head really is quantized) but stay close; generation and save → load keep it."""
@@ -84,6 +84,23 @@ def test_quantized_head_of_tied_embeddings(demo_dirs, tmp_path, fmt, bound):
     assert type(back.lm_head) is L.QUANTIZED_LINEARS[fmt]
     with torch.no_grad():
         assert torch.equal(back(ids).logits, got)
+
+
+def test_w8a8_stores_int8_weights_and_rounds_one_row_activations(demo_dirs):
+    """w8a8 holds int8's very buffers; a prompt (many rows) gives int8's logits exactly, a one-token step (one row
+    at every linear, as decoding at batch 1) differs from int8's by the activations' rounding alone."""
+    qwen, _ = demo_dirs
+    ref = qva.load(qwen, dtype=torch.float32)
+    int8, w8a8 = (qva.load(qwen, dtype=torch.float32, quantize=f, quantize_modules=("llm", "head")) for f in ("int8", "w8a8"))
+    a, b = int8.state_dict(), w8a8.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = prompt_ids()
+    step = ids[:1, :1]
+    with torch.no_grad():
+        assert torch.equal(int8(ids).logits, w8a8(ids).logits)
+        want, got8, got = ref(step).logits, int8(step).logits, w8a8(step).logits
+    print(f"one-row logits relative L2 against fp32: int8 {rel_l2(got8, want):.4f}, w8a8 {rel_l2(got, want):.4f}")
+    assert rel_l2(got8, want) < rel_l2(got, want) < 0.08 and rel_l2(got, got8) > 1e-3
 
 
 def test_resident_bytes_of_the_llm_linears(demo_dirs):

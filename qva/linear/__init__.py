@@ -9,6 +9,7 @@
     frozen.py       the small base of the frozen quantized layers (built empty, filled from a weight or a checkpoint)
     nf4.py          QLoRA's NF4 layer
     weight_only.py  int8 / int4 layers
+    int8_activations.py  W8A8 decode: int8 weights × a one-row activation rounded to 8 bits (opt-in)
 
 The model files (`qwen2.py`, `vision.py`, `whisper_encoder.py`) use `Linear` / `LayerNorm` / `Conv1d` and read
 like the papers; which layers get quantized, and when, is `qva/quantize.py`'s.
@@ -18,6 +19,7 @@ from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, scratch
 from .decode import LANES, MAX_ROWS, MIN_IN_FEATURES, few_rows_product, gemv, gemv_eligible, linear_without_onednn, measure_gemv, use_gemv
 from .dense import Conv1d, LayerNorm, Linear, StoredWeightProduct, matmul, swap_linears
 from .dtype_policy import HALF, POLICIES, cpu_has_fast_half_matmul, large_matmul_dtype, policy, set_policy
+from .int8_activations import W8A8Linear, activation_levels, fbgemm_available, round_row
 from .lora import LORA_TARGETS, add_lora, lora_delta, lora_linears, lora_weight, merge_lora, unmerge_lora, with_lora
 from .measure import KERNEL_OVERRIDE, fastest, kernel_cache_file, rows_bucket
 from .nf4 import ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, NF4Linear, NF4Product, dynamic_map, nf4_dequantize, nf4_quantize, quantize_nf4_
@@ -37,6 +39,6 @@ from .weight_only import (
     quantized_forward,
 )
 
-QUANTIZED_LINEARS = {"nf4": NF4Linear, "int8": Int8Linear, "int4": Int4Linear}  # the formats `qva.load(quantize=...)` offers
+QUANTIZED_LINEARS = {"nf4": NF4Linear, "int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}  # the formats `qva.load(quantize=...)` offers
 
 __all__ = [name for name in dir() if not name.startswith("_")]

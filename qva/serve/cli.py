@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="Qwen2-VL checkpoint folder, a saved qva graft, or a training run's adapter folder")
     p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
     p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT layout) to apply")
-    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS), help="weight-only quantization of the LLM's linears at load")
+    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS),
+                   help="quantization of the linears at load: int8/int4/nf4 weights only; w8a8 int8 weights and one-row activations")
     p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper, head (the vocabulary head)")
     p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")

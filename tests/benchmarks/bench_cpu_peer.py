@@ -7,7 +7,8 @@
 The random 2B-shaped Qwen2-VL of the other benchmarks (`bench_qwen2vl.write_2b`: bf16, `--layers` LLM layers, 2
 vision blocks) with the real Qwen2 tokenizer, converted by llama.cpp's own `convert_hf_to_gguf.py` to GGUF BF16 and
 quantized by its `llama-quantize` to Q8_0, Q4_0 and Q4_K_M. Pairs at the same bits per weight: qva bf16 ↔ BF16,
-int8 ↔ Q8_0, int4 (groups of `--group-size`) ↔ Q4_0, each qva format also with its vocabulary head quantized
+int8 and w8a8 (int8 activation rows too, as Q8_0's dot products have) ↔ Q8_0, int4 (groups of `--group-size`) ↔
+Q4_0, each qva format also with its vocabulary head quantized
 ("+head", as llama.cpp's files have theirs); Q4_K_M is a llama.cpp row of its own. Rows, interleaved round by round
 (each GGUF type back to back with its qva variants, which side goes first alternating), `--rounds` rounds, median
 [min–max]:
@@ -47,7 +48,8 @@ import qva  # noqa: E402
 TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "data" / "qwen2-vl-tokenizer"
 # qva variant: (quantize=, quantize_modules=, the GGUF type at its bits per weight); "+head": the vocabulary head too
 VARIANTS = {"bf16": (None, ("llm",), "BF16"), "int8": ("int8", ("llm",), "Q8_0"), "int8+head": ("int8", ("llm", "head"), "Q8_0"),
-            "int4": ("int4", ("llm",), "Q4_0"), "int4+head": ("int4", ("llm", "head"), "Q4_0")}
+            "int4": ("int4", ("llm",), "Q4_0"), "int4+head": ("int4", ("llm", "head"), "Q4_0"),
+            "w8a8": ("w8a8", ("llm",), "Q8_0"), "w8a8+head": ("w8a8", ("llm", "head"), "Q8_0")}  # Q8_0 rounds activations too
 GGUF_TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")  # Q4_K_M: llama.cpp's usual 4-bit mix, a row of its own
 
 
@@ -170,9 +172,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--group-size", type=int, default=64, help="qva int4's group (Q4_0: blocks of 32)")
     p.add_argument("--compile", action="store_true", help="time qva's compiled decode step (else eager)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"qva rows to run, of {', '.join(VARIANTS)} (bf16 is always "
+                   "loaded: the accuracy reference); llama.cpp runs the types they pair with (Q4_K_M with int4)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qva-bench-cpu-peer"))
     p.add_argument("--json", type=Path, default=Path("bench_results_cpu_peer.json"))
     args = p.parse_args()
+    chosen = args.variants.split(",")
+    if set(chosen) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(chosen) - set(VARIANTS))}; expected some of {', '.join(VARIANTS)}")
+    variants = {name: VARIANTS[name] for name in chosen}  # timed
+    gguf_types = tuple(t for t in GGUF_TYPES if any(v[2] == t for v in variants.values()) or t == "Q4_K_M" and "int4" in chosen)
     llama = args.llama_cpp.resolve()
     if not (llama / "build" / "bin" / "llama-bench").is_file():
         raise SystemExit(f"{llama}: no build/bin/llama-bench — build it with `bash tests/llama_cpp_env.sh DIR` and pass DIR/llama.cpp")
@@ -181,10 +190,10 @@ def main() -> None:
     print(header, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = cached_2b(args.workdir, args.layers, 2)
-    ggufs = gguf_files(llama, ckpt, args.workdir)
+    ggufs = {t: f for t, f in gguf_files(llama, ckpt, args.workdir).items() if t in gguf_types}
     bw = memory_bandwidth(torch.device("cpu"))
     models = {name: qva.load(ckpt, dtype=torch.bfloat16, quantize=q, quantize_modules=mods, group_size=args.group_size)
-              for name, (q, mods, _) in VARIANTS.items()}
+              for name, (q, mods, _) in VARIANTS.items() if name in variants or name == "bf16"}
     read = {name: decode_bytes_per_token(m) for name, m in models.items()}
     types = {}
     for kind, f in ggufs.items():
@@ -193,10 +202,10 @@ def main() -> None:
     for m in models.values():  # warm-up: kernel choices measured, compiled graphs built
         qva_round(m, prompt, 8, args.compile)
     accuracy = qva_accuracy(models, prompt)
-    runs: dict[str, dict[str, list[float]]] = {k: {"pp": [], "decode": []} for k in [*models, *ggufs]}
+    runs: dict[str, dict[str, list[float]]] = {k: {"pp": [], "decode": []} for k in [*variants, *ggufs]}
     for r in range(args.rounds):
-        for kind in GGUF_TYPES:  # each GGUF type beside the qva variants at its bits, which side first alternating
-            order = [("llama", kind)] + [("qva", name) for name, v in VARIANTS.items() if v[2] == kind]
+        for kind in gguf_types:  # each GGUF type beside the qva variants at its bits, which side first alternating
+            order = [("llama", kind)] + [("qva", name) for name, v in variants.items() if v[2] == kind]
             for side, key in order if r % 2 == 0 else order[::-1]:
                 got = qva_round(models[key], prompt, args.new_tokens, args.compile) if side == "qva" else \
                     llama_bench(llama, ggufs[key], args.threads, args.prompt, args.new_tokens)
@@ -213,8 +222,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     out = {"cpu": header, "bandwidth_Bps": bw, "layers": args.layers, "threads": args.threads, "mode": mode, "rows": {}, "gguf_types": types,
            "accuracy": accuracy, "one_row_bytes_per_s": rates}
-    for kind in GGUF_TYPES:
-        for key, peer in [(kind, None)] + [(name, kind) for name, v in VARIANTS.items() if v[2] == kind]:
+    for kind in gguf_types:
+        for key, peer in [(kind, None)] + [(name, kind) for name, v in variants.items() if v[2] == kind]:
             d, pp = runs[key]["decode"], runs[key]["pp"]
             roof = statistics.median(d) * read[key] / bw
             vs = tuple(f"{statistics.median(runs[key][k]) / statistics.median(runs[peer][k]):.2f}×" if peer else "" for k in ("decode", "pp"))

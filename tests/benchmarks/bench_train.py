@@ -297,8 +297,8 @@ def stage(results: dict, name: str, cfg: TrainConfig, manifests: dict, scored: t
     print(f"== {name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
-def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None) -> dict[str, float]:
-    """Exact match (%) of greedy answers on each split, with the prompt the recipe trains with."""
+def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None, batch: int = 64) -> dict[str, float]:
+    """Exact match (%) of greedy answers on each split, with the prompt the recipe trains with, `batch` at a time."""
     from qva.train.data import encode_all, fill_audio_rows
     from qva.train.evaluate import evaluate
     from qva.train.formats import read_data
@@ -310,23 +310,41 @@ def score(model, manifests: dict, splits: tuple[str, ...], cache: str | None) ->
         if model.audio_encoder is not None:
             fill_audio_rows(model, samples, None if cache in (None, "none") else Path(cache))
         with torch.inference_mode():
-            out[split] = evaluate(model, model.processor, samples, 64, 12)["exact_match"]
+            out[split] = evaluate(model, model.processor, samples, batch, 12)["exact_match"]
     return out
 
 
 def quantized(results: dict, out: Path, manifests: dict, cache: str) -> None:
-    """The stage-2 model with its LLM in bf16, int8 and int4 (adapter on top; "+head": the vocabulary head quantized
-    too): exact match on the speech sets."""
+    """The stage-2 model with its LLM in bf16, int8, int4 and w8a8 (adapter on top; "+head": the vocabulary head
+    quantized too): exact match on the speech sets, decoded one clip at a time (w8a8 rounds activations only in
+    one-row products: batch 1)."""
     from qva.pretrained import load
 
     rows, sets = {}, tuple(k for k in ("dev", "unseen", "hard") if k in manifests)
-    for fmt, modules in ((None, ("llm",)), ("int8", ("llm",)), ("int8", ("llm", "head")), ("int4", ("llm",)), ("int4", ("llm", "head"))):
+    for fmt, modules in ((None, ("llm",)), ("int8", ("llm",)), ("int8", ("llm", "head")), ("int4", ("llm",)), ("int4", ("llm", "head")),
+                         ("w8a8", ("llm",)), ("w8a8", ("llm", "head"))):
         t0 = time.perf_counter()
         model = load(out / "stage2", dtype=torch.bfloat16, quantize=fmt, quantize_modules=modules)
         name = (fmt or "bf16") + ("+head" if "head" in modules else "")
-        rows[name] = {**score(model, manifests, sets, cache), "seconds": time.perf_counter() - t0}
+        rows[name] = {**score(model, manifests, sets, cache, batch=1), "seconds": time.perf_counter() - t0}
         print(f"== stage 2, LLM {name}: {rows[name]}", flush=True)
     results["quantized"] = rows
+
+
+def recipe_overrides(pairs: list[str], prm: dict, parser: argparse.ArgumentParser) -> dict:
+    """`["stretch=8", ...]` → `{"stretch": 8}`, each value of its setting's type; an unknown name or a bad value is a
+    usage error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in prm:
+            parser.error(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(prm))}")
+        kind = type(prm[name]) if prm[name] is not None else int
+        try:
+            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            parser.error(f"--set {pair!r}: {name} takes a {kind.__name__}, got {value!r}")
+    return out
 
 
 def main() -> None:
@@ -344,6 +362,8 @@ def main() -> None:
     p.add_argument("--extra", type=int, default=None, help="synthesized training clips (espeak-ng + sox; full recipe: 1200, slice: 0)")
     p.add_argument("--broad-augment", action="store_true", help="the BROAD variant of the full recipe (measured worse)")
     p.add_argument("--hard", type=int, default=None, help="clips of the hard unseen set (full recipe: 200, slice: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="one recipe setting changed (a key of FULL, e.g. stretch=8): one lever measured at a time")
     p.add_argument("--whisper-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="the cached Whisper rows' dtype (auto: bf16 where the CPU multiplies it natively)")
     args = p.parse_args()
@@ -355,6 +375,7 @@ def main() -> None:
     if args.broad_augment:
         prm.update(BROAD)
     prm.update({k: getattr(args, k) for k in ("extra", "hard") if getattr(args, k) is not None})
+    prm.update(recipe_overrides(args.set, prm, p))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

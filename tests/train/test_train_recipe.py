@@ -77,3 +77,21 @@ def test_digits_recipe_string_and_condition_draws():
     assert {r["condition"] for r in rows} == set(digit_speech.TRAIN_CONDITIONS)
     assert not {r["condition"] for r in rows} & set(digit_speech.HARD_CONDITIONS)
     assert {r["condition"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {"clean", "white-noise"}
+
+
+def test_digits_recipe_one_setting_changed(capsys):
+    """`--set NAME=VALUE` changes one recipe setting, typed like the default; an unknown name or a bad value is a
+    usage error naming it."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import bench_train
+
+    parser = argparse.ArgumentParser()
+    prm = dict(bench_train.FULL)
+    assert bench_train.recipe_overrides(["stretch=8", "s2_lr=5e-4", "broad=true"], prm, parser) == \
+        {"stretch": 8, "s2_lr": 5e-4, "broad": True}
+    for bad, match in (("stretchy=8", "NAME one of"), ("stretch", "NAME one of"), ("stretch=a", "stretch takes a int, got 'a'")):
+        with pytest.raises(SystemExit):
+            bench_train.recipe_overrides([bad], prm, parser)
+        assert match in capsys.readouterr().err

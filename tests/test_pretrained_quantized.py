@@ -103,6 +103,18 @@ def test_w8a8_stores_int8_weights_and_rounds_one_row_activations(demo_dirs):
     assert rel_l2(got8, want) < rel_l2(got, want) < 0.08 and rel_l2(got, got8) > 1e-3
 
 
+def test_w8a8_compiled_decode_matches_eager(demo_dirs, fresh_dynamo):
+    """Compiled, a one-row product takes `dequant` (the same rounding in floating point), eager fbgemm where it
+    is faster: the greedy tokens agree."""
+    qwen, _ = demo_dirs
+    model = qva.load(qwen, dtype=torch.float32, quantize="w8a8", quantize_modules=("llm", "head"))
+    ids = prompt_ids()[:1, :12]
+    with torch.inference_mode():
+        eager = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[])
+        compiled = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[], compile=True)
+    assert compiled.tolist() == eager.tolist()
+
+
 def test_resident_bytes_of_the_llm_linears(demo_dirs):
     """bf16 → int8 0.5× (+ a bf16 scale a row: 3% at these 64-wide rows, 0.1% at the 2B's 1536), int4 (g64) 0.28×."""
     qwen, _ = demo_dirs

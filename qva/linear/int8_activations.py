@@ -70,6 +70,10 @@ def round_row(x2: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor
 class W8A8Linear(Int8Linear):
     """`Int8Linear`'s weights; a one-row product rounds its activations to 8 bits (see the module docstring)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.levels = activation_levels()  # probed once a process, at build: a compiled step then reads a number
+
     def fbgemm_weight(self):
         """fbgemm's packed copy of `weight_int8`, made again if the buffers were replaced or written since."""
         stamp = tuple((t.data_ptr(), t._version) for t in (self.weight_int8, self.weight_scale))
@@ -81,9 +85,9 @@ class W8A8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:  # several rows: int8 weight-only
             return super().forward(x)
-        levels = activation_levels()
+        levels = self.levels
         candidates = {}
-        if x.device.type == "cpu" and fbgemm_available():
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and fbgemm_available():  # compiled: `dequant`
 
             def fbgemm(x2):
                 return torch.ops.quantized.linear_dynamic(x2.float(), self.fbgemm_weight(), levels == 127).to(x2.dtype)

@@ -53,9 +53,10 @@ VARIANTS = {"bf16": (None, ("llm",), "BF16"), "int8": ("int8", ("llm",), "Q8_0")
 GGUF_TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")  # Q4_K_M: llama.cpp's usual 4-bit mix, a row of its own
 
 
-def gguf_files(llama: Path, ckpt: Path, work: Path) -> dict[str, Path]:
-    """BF16 by llama.cpp's converter (the checkpoint plus the real tokenizer, linked into one folder), then each
-    quantized type by llama-quantize; files already made are reused."""
+def gguf_files(llama: Path, ckpt: Path, work: Path, kinds: tuple[str, ...] = GGUF_TYPES) -> dict[str, Path]:
+    """The GGUF files of `kinds`: BF16 by llama.cpp's converter (the checkpoint plus the real tokenizer, linked into
+    one folder; the source of the others, always made), then each quantized type by llama-quantize; files already
+    made are reused."""
     src = work / f"{ckpt.name}-hf"
     if not src.is_dir():
         src.mkdir(parents=True)
@@ -71,7 +72,7 @@ def gguf_files(llama: Path, ckpt: Path, work: Path) -> dict[str, Path]:
         subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(src), "--outfile", str(tmp), "--outtype", "bf16"],
                        check=True, env=env, capture_output=True)
         tmp.rename(files["BF16"])
-    for kind in GGUF_TYPES[1:]:
+    for kind in (k for k in kinds if k != "BF16"):
         files[kind] = work / f"{ckpt.name}-{kind}.gguf"
         if not files[kind].is_file():
             print(f"llama-quantize → {kind} ...", flush=True)
@@ -79,7 +80,7 @@ def gguf_files(llama: Path, ckpt: Path, work: Path) -> dict[str, Path]:
             subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(files["BF16"]), str(tmp), kind], check=True,
                            capture_output=True)
             tmp.rename(files[kind])
-    return files
+    return {k: f for k, f in files.items() if k in kinds}
 
 
 def gguf_bytes_per_token(llama: Path, path: Path) -> tuple[int, dict[str, str]]:
@@ -190,7 +191,7 @@ def main() -> None:
     print(header, flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = cached_2b(args.workdir, args.layers, 2)
-    ggufs = {t: f for t, f in gguf_files(llama, ckpt, args.workdir).items() if t in gguf_types}
+    ggufs = gguf_files(llama, ckpt, args.workdir, gguf_types)
     bw = memory_bandwidth(torch.device("cpu"))
     models = {name: qva.load(ckpt, dtype=torch.bfloat16, quantize=q, quantize_modules=mods, group_size=args.group_size)
               for name, (q, mods, _) in VARIANTS.items() if name in variants or name == "bf16"}

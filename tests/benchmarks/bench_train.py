@@ -331,6 +331,9 @@ def quantized(results: dict, out: Path, manifests: dict, cache: str) -> None:
     results["quantized"] = rows
 
 
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def recipe_overrides(pairs: list[str], prm: dict, parser: argparse.ArgumentParser) -> dict:
     """`["stretch=8", ...]` → `{"stretch": 8}`, each value of its setting's type; an unknown name or a bad value is a
     usage error naming it."""
@@ -341,8 +344,8 @@ def recipe_overrides(pairs: list[str], prm: dict, parser: argparse.ArgumentParse
             parser.error(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(prm))}")
         kind = type(prm[name]) if prm[name] is not None else int
         try:
-            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
+            out[name] = BOOLS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
             parser.error(f"--set {pair!r}: {name} takes a {kind.__name__}, got {value!r}")
     return out
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_l2 as rel
 
 from qva import linear as L
 from qva.linear import Linear
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def rounded_product(q: L.W8A8Linear, x: torch.Tensor, levels: int) -> torch.Tensor:

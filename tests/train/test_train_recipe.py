@@ -91,7 +91,8 @@ def test_digits_recipe_one_setting_changed(capsys):
     prm = dict(bench_train.FULL)
     assert bench_train.recipe_overrides(["stretch=8", "s2_lr=5e-4", "broad=true"], prm, parser) == \
         {"stretch": 8, "s2_lr": 5e-4, "broad": True}
-    for bad, match in (("stretchy=8", "NAME one of"), ("stretch", "NAME one of"), ("stretch=a", "stretch takes a int, got 'a'")):
+    for bad, match in (("stretchy=8", "NAME one of"), ("stretch", "NAME one of"), ("stretch=a", "stretch takes a int, got 'a'"),
+                       ("broad=ture", "broad takes a bool, got 'ture'")):
         with pytest.raises(SystemExit):
             bench_train.recipe_overrides([bad], prm, parser)
         assert match in capsys.readouterr().err

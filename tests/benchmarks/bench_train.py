@@ -16,7 +16,7 @@ sizes with Qwen3-VL's structure) and runs:
   stage2  projector + LoRA r16 on all seven LLM linears
 
 Speech trained on: the corpus's train clips of the 63 seen voices, plus `--extra` clips synthesized with the same
-voices and ranges and fresh strings, augmented (sox speed 0.9/1.1, white noise; `--broad-augment` adds brown noise,
+voices and ranges and fresh strings, augmented (sox speed 0.75/1.25, white noise; `--broad-augment` adds brown noise,
 low- and high-passes, an echo, an EQ band: `digit_speech.py`). Scored, never
 trained on: dev (200 clips), the 9 held-out voices (every 8th of the 72, sorted: all their clips, the `unseen`
 set) and the `hard` set (`--hard` clips synthesized with accents, voice variants, rates, pitches and recording
@@ -60,14 +60,14 @@ TOKENIZER = ROOT / "shared" / "data" / "qwen2-vl-tokenizer"
 PROMPT = "Transcribe the digits."
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=600, lm_lr=3e-3, batch=64,
-            s1_steps=300, s1_lr=3e-3, s2_steps=600, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
-            lm_eval_every=200, lm_strings=10000, extra=1200, hard=200, stretch=6, repeat=0.1, broad=False)
+            s1_steps=300, s1_lr=3e-3, s2_steps=300, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
+            lm_eval_every=200, lm_strings=10000, extra=2000, hard=200, stretch=6, repeat=0.1, broad=False, speed=0.25)
 # `--broad-augment` (measured worse in one run, see the README): words stretched up to 9, strings that repeat a
 # digit 3 times in 10, all of digit_speech's TRAIN_CONDITIONS, with a shorter schedule
 BROAD = dict(lm_steps=500, s1_steps=200, s2_steps=250, eval_every=50, lm_eval_every=250, extra=1600, stretch=9, repeat=0.3, broad=True)
 SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=220, lm_lr=5e-3, batch=32,
              s1_steps=100, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
-             lm_eval_every=0, lm_strings=4000, extra=0, hard=0, stretch=6, repeat=0.1, broad=False)
+             lm_eval_every=0, lm_strings=4000, extra=0, hard=0, stretch=6, repeat=0.1, broad=False, speed=0.1)
 
 
 def held_out_voices(voices: set[str]) -> set[str]:
@@ -106,7 +106,7 @@ def draw_strings(n: int, rng: random.Random, avoid: set[str], repeat: float = 0.
 
 
 def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: int = 0, hard: int = 0, seed: int = 0,
-            stretch: int = 6, repeat: float = 0.1, broad: bool = False) -> dict[str, Path]:
+            stretch: int = 6, repeat: float = 0.1, broad: bool = False, speed: float = 0.1) -> dict[str, Path]:
     """Manifests: the text task (lm), the speech task (train: the corpus's seen voices plus `extra` synthesized
     clips, dev), the unseen-voice set, and the `hard` unseen set (`digit_speech.py`; needs espeak-ng and sox)."""
     import digit_speech
@@ -138,7 +138,7 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
         synthesized["hard"] = digit_speech.write_set(out / "data" / "hard", digit_speech.hard_rows(hard_strings, seed + HARD_DRAW))
     if extra:
         seen_voices = sorted({x["voice"] for x in seen_train})
-        rows = digit_speech.extra_rows(extra_strings, seen_voices, seed + 2, broad)
+        rows = digit_speech.extra_rows(extra_strings, seen_voices, seed + 2, broad, speed)
         synthesized["extra"] = digit_speech.write_set(out / "data" / "extra", rows)
     extra_rows = [json.loads(line) for line in synthesized["extra"].read_text().splitlines()] if extra else []
 
@@ -383,7 +383,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"], prm["extra"], prm["hard"], args.seed, prm["stretch"],
-                        prm["repeat"], prm["broad"])
+                        prm["repeat"], prm["broad"], prm["speed"])
     speech_sets = tuple(k for k in ("dev", "unseen", "hard") if k in manifests)
     if args.parquet:  # the speech sets as datasets ship them: the clips' bytes inside the parquet rows
         manifests.update({k: to_parquet(manifests[k]) for k in ("train", *speech_sets)})

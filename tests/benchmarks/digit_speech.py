@@ -4,7 +4,8 @@ Two sets, both written as `{"audio", "text", "spoken", "voice", "rate", "pitch",
 (the shared corpus's fields plus the recording condition), 16 kHz mono 16-bit FLAC, fully determined by a seed:
 
   extra   more training speech: the corpus's own seen voices and ranges (rate 135–195 wpm, pitch 30–70, word gap
-          0–4), fresh strings, and the training-side augmentation — sox `speed` 0.9 or 1.1 (tempo and pitch) on two
+          0–4), fresh strings, and the training-side augmentation — sox `speed` 0.9 or 1.1 (tempo and pitch; `speed`
+          0.25: 0.75 or 1.25) on two
           clips in three, white noise at 20–40 dB SNR on one in two; `broad`: instead one recording condition of
           TRAIN_CONDITIONS a clip (clean on two in eight): white noise at 20–40 dB SNR, brown noise (1/f²) at
           15–30 dB, a low-pass at 4–6.5 kHz, a high-pass at 80–200 Hz, one discrete echo (40–120 ms), a ±6 dB
@@ -103,14 +104,15 @@ def render(out: Path, row: dict, tmp: Path) -> float:
     return len(wave) / rate
 
 
-def extra_rows(strings: list[str], voices: list[str], seed: int, broad: bool = False) -> list[dict]:
-    """Training rows; `broad`: a condition of TRAIN_CONDITIONS each, else clean or white noise (one in two)."""
+def extra_rows(strings: list[str], voices: list[str], seed: int, broad: bool = False, speed: float = 0.1) -> list[dict]:
+    """Training rows; `broad`: a condition of TRAIN_CONDITIONS each, else clean or white noise (one in two); sox
+    `speed` 1 − `speed`, 1 or 1 + `speed` (one in three each)."""
     rng = random.Random(seed)
     rows = []
     for i, digits in enumerate(strings):
         condition = rng.choice(TRAIN_CONDITIONS if broad else ("clean", "white-noise"))
         row = {"text": digits, "spoken": spoken(digits), "voice": rng.choice(voices), "rate": rng.randint(135, 195),
-               "pitch": rng.randint(30, 70), "gap": rng.randint(0, 4), "speed": rng.choice((0.9, 1.0, 1.1)),
+               "pitch": rng.randint(30, 70), "gap": rng.randint(0, 4), "speed": rng.choice((round(1 - speed, 3), 1.0, round(1 + speed, 3))),
                "condition": condition, "seed": seed * 100003 + i}
         if condition.endswith("noise"):
             row["snr"] = round(rng.uniform(20, 40) if condition == "white-noise" else rng.uniform(15, 30), 1)

@@ -77,6 +77,8 @@ def test_digits_recipe_string_and_condition_draws():
     assert {r["condition"] for r in rows} == set(digit_speech.TRAIN_CONDITIONS)
     assert not {r["condition"] for r in rows} & set(digit_speech.HARD_CONDITIONS)
     assert {r["condition"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {"clean", "white-noise"}
+    assert {r["speed"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {0.9, 1.0, 1.1}
+    assert {r["speed"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0, speed=0.25)} == {0.75, 1.0, 1.25}
 
 
 def test_digits_recipe_one_setting_changed(capsys):

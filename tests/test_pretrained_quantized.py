@@ -103,16 +103,37 @@ def test_w8a8_stores_int8_weights_and_rounds_one_row_activations(demo_dirs):
     assert rel_l2(got8, want) < rel_l2(got, want) < 0.08 and rel_l2(got, got8) > 1e-3
 
 
-def test_w8a8_compiled_decode_matches_eager(demo_dirs, fresh_dynamo):
-    """Compiled, a one-row product takes `dequant` (the same rounding in floating point), eager fbgemm where it
-    is faster: the greedy tokens agree."""
+@pytest.mark.parametrize("fmt,kernel", [("w8a8", "fbgemm"), ("w8a8", "dequant"), ("int8", "aten")])
+def test_compiled_decode_runs_the_measured_kernel(fmt, kernel, demo_dirs, fresh_dynamo, kernel_cache, monkeypatch):
+    """The compiled step runs the kernel chosen before tracing (here forced): w8a8's fbgemm custom op (each weight
+    packed once, not once a step) or `dequant` (the same rounding in floating point), int8's aten kernel (no weight
+    dequantized in the graph); the greedy tokens equal eager's."""
+    from qva.linear import int8_activations, weight_only
+
+    if kernel == "fbgemm" and not int8_activations.fbgemm_available():
+        pytest.skip("this PyTorch build has no fbgemm dynamic linear")
+    monkeypatch.setenv(L.KERNEL_OVERRIDE, kernel)
     qwen, _ = demo_dirs
-    model = qva.load(qwen, dtype=torch.float32, quantize="w8a8", quantize_modules=("llm", "head"))
+    model = qva.load(qwen, dtype=torch.float32, quantize=fmt, quantize_modules=("llm", "head"))
     ids = prompt_ids()[:1, :12]
+    packs, calls, dequantized = [], [], []
+    pack, row = int8_activations.fbgemm_pack, int8_activations.packed_weight
+    monkeypatch.setattr(int8_activations, "fbgemm_pack", lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(int8_activations, "packed_weight", lambda *a: calls.append(1) or row(*a))
+    cast = weight_only.cast_weight  # int8's dequantizing form's weight, traced into a graph that takes it
+    monkeypatch.setattr(weight_only, "cast_weight", lambda *a: dequantized.append(1) or cast(*a))
     with torch.inference_mode():
         eager = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[])
+        eager_calls = len(calls)
         compiled = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[], compile=True)
     assert compiled.tolist() == eager.tolist()
+    linears = sum(isinstance(m, L.Int8Linear) for m in model.modules())
+    if kernel == "fbgemm":  # 7 one-row steps through every linear, eager and then in the graph; one packing a weight
+        assert eager_calls >= 7 * linears and len(calls) - eager_calls >= 7 * linears and len(packs) == linears, (eager_calls, len(calls), len(packs))
+    else:
+        assert not calls and not packs
+    if kernel == "aten":
+        assert not dequantized
 
 
 def test_resident_bytes_of_the_llm_linears(demo_dirs):

@@ -19,9 +19,9 @@ from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, scratch
 from .decode import LANES, MAX_ROWS, MIN_IN_FEATURES, few_rows_product, gemv, gemv_eligible, linear_without_onednn, measure_gemv, use_gemv
 from .dense import Conv1d, LayerNorm, Linear, StoredWeightProduct, matmul, swap_linears
 from .dtype_policy import HALF, POLICIES, cpu_has_fast_half_matmul, large_matmul_dtype, policy, set_policy
-from .int8_activations import W8A8Linear, activation_levels, fbgemm_available, round_row
+from .int8_activations import W8A8Linear, activation_levels, fbgemm_available, fbgemm_row, packed_weight, round_row
 from .lora import LORA_TARGETS, add_lora, lora_delta, lora_linears, lora_weight, merge_lora, unmerge_lora, with_lora
-from .measure import KERNEL_OVERRIDE, fastest, kernel_cache_file, rows_bucket
+from .measure import KERNEL_OVERRIDE, fastest, kernel_cache_file, known_choice, rows_bucket
 from .nf4 import ABSMAX_BLOCK, NF4_BLOCK, NF4_LEVELS, NF4Linear, NF4Product, dynamic_map, nf4_dequantize, nf4_quantize, quantize_nf4_
 from .weight_only import (
     INT4_GROUPS,
@@ -36,6 +36,7 @@ from .weight_only import (
     int4_quantize,
     int4_unpack,
     int8_quantize,
+    measure_quantized,
     quantized_forward,
 )
 

@@ -16,7 +16,9 @@ differs only in its recorded format; what the format adds is the one-row activat
 (`quantize="w8a8"`), never a kernel that `int8` picks. Two kernels compute the one-row product, chosen by `fastest`:
 `fbgemm` over its own packed copy of the weight (made on first use; `weight_int8` stays for saving and the other
 kernel, so the weights are then held twice), and `dequant`, the same rounding then `F.linear` over the integers
-in x's dtype (gradients pass straight through the rounding; compiling and non-CPU devices take it).
+in x's dtype (gradients pass straight through the rounding; non-CPU devices take it). `fbgemm` is the custom op
+`qva::w8a8_row` (its shape rule registered), so a compiled decode step runs it too, opaque in its graph, where
+it was measured faster before tracing (`weight_only.measure_quantized`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .buffers import cast_weight
 from .weight_only import Int8Linear, quantized_forward
@@ -56,6 +59,32 @@ def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight_int8 → (stamp, fbgemm's packed copy): dies with it
+
+
+def packed_weight(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
+    """fbgemm's packed copy of `weight_int8` `[out, in]`, kept while the tensor lives; made again if either buffer
+    was replaced or written since."""
+    stamp = tuple((t.data_ptr(), t._version) for t in (weight_int8, weight_scale))
+    held = _packed.get(weight_int8)
+    if held is None or held[0] != stamp:
+        held = (stamp, fbgemm_pack(weight_int8, weight_scale.float()))
+        _packed[weight_int8] = held
+    return held[1]
+
+
+@torch.library.custom_op("qva::w8a8_row", mutates_args=())
+def fbgemm_row(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """`x2` `[1, in]` → `[1, out]` in x2's dtype: fbgemm's dynamic linear (the rounding of the module docstring)."""
+    packed = packed_weight(weight_int8, weight_scale)
+    return torch.ops.quantized.linear_dynamic(x2.float(), packed, levels == 127).to(x2.dtype)
+
+
+@fbgemm_row.register_fake
+def _(x2, weight_int8, weight_scale, levels):
+    return x2.new_empty(x2.shape[0], weight_int8.shape[0])
+
+
 def round_row(x2: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`x2` `[1, in]` → (`xq − z` fp32 `[1, in]`, integers in [−levels, levels]; `s` fp32 `[1, 1]`), the rounding
     fbgemm's dynamic kernel applies (see the module docstring); gradients pass straight through it."""
@@ -73,26 +102,15 @@ class W8A8Linear(Int8Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.levels = activation_levels()  # probed once a process, at build: a compiled step then reads a number
-
-    def fbgemm_weight(self):
-        """fbgemm's packed copy of `weight_int8`, made again if the buffers were replaced or written since."""
-        stamp = tuple((t.data_ptr(), t._version) for t in (self.weight_int8, self.weight_scale))
-        if getattr(self, "_packed_stamp", None) != stamp:
-            self._packed = fbgemm_pack(self.weight_int8, self.weight_scale.float())
-            self._packed_stamp = stamp
-        return self._packed
+        self.has_fbgemm = fbgemm_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:  # several rows: int8 weight-only
             return super().forward(x)
         levels = self.levels
         candidates = {}
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and fbgemm_available():  # compiled: `dequant`
-
-            def fbgemm(x2):
-                return torch.ops.quantized.linear_dynamic(x2.float(), self.fbgemm_weight(), levels == 127).to(x2.dtype)
-
-            candidates["fbgemm"] = fbgemm
+        if x.device.type == "cpu" and self.has_fbgemm:
+            candidates["fbgemm"] = lambda x2: fbgemm_row(x2, self.weight_int8, self.weight_scale, levels)
 
         def dequant(x2):  # the same rounding; integers up to 256 are exact in bf16, products summed in fp32
             xq, s = round_row(x2, levels)
@@ -100,7 +118,7 @@ class W8A8Linear(Int8Linear):
             return (y.float() * s * self.weight_scale.float()).to(x2.dtype)
 
         candidates["dequant"] = dequant
-        return quantized_forward("w8a8", self, x, candidates)
+        return quantized_forward("w8a8", self, x, candidates, compiled=("fbgemm",))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, w8a8"

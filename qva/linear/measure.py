@@ -93,6 +93,12 @@ def fastest(key: str, candidates: dict, repeats: int = 3) -> str:
         return choices[key]
 
 
+def known_choice(key: str) -> str | None:
+    """The override or the choice this process has already made or read for `key`, else None; never measures nor
+    reads a file (a compiled step reads it while tracing)."""
+    return os.environ.get(KERNEL_OVERRIDE) or (_choices.get(key) if _choices is not None else None)
+
+
 def rows_bucket(rows: int) -> str:
     """Row counts that share a kernel choice: 1, 2–4, 5–16, 17–64, 65–256, more."""
     for top in (1, 4, 16, 64, 256):

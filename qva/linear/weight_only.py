@@ -16,7 +16,7 @@ from torch import nn
 from .buffers import cast_weight, dequantize_out, scratch
 from .frozen import FrozenQuantizedLinear
 from .lora import with_lora
-from .measure import fastest, rows_bucket
+from .measure import fastest, known_choice, rows_bucket
 
 # -- int8 / int4: weight-only quantized inference ---------------------------------------------------------------
 # Decoding reads every weight once per token, so its speed is bytes per token: int8 halves bf16's, int4
@@ -143,7 +143,7 @@ class Int8Linear(FrozenQuantizedLinear):
         def dequant(x2):
             return F.linear(x2, cast_weight(self.weight_int8, x.dtype) * scale[:, None])
 
-        return quantized_forward("int8", self, x, {"aten": aten, "dequant": dequant})
+        return quantized_forward("int8", self, x, {"aten": aten, "dequant": dequant}, compiled=("aten",))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -160,6 +160,7 @@ class Int4Linear(FrozenQuantizedLinear):
         groups = in_features // group_size
         self.register_buffer("weight_scales_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.kernel_reads_layout = int4_kernel_reads_stored_layout()  # probed once a process: a compiled step reads a bool
 
     OPTIONS = ("group_size",)
 
@@ -172,7 +173,7 @@ class Int4Linear(FrozenQuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         candidates = {}
-        if x.device.type == "cpu" and int4_kernel_reads_stored_layout():
+        if x.device.type == "cpu" and self.kernel_reads_layout:
             sz = self.weight_scales_zeros.to(x.dtype)
 
             def aten(x2):
@@ -185,6 +186,7 @@ class Int4Linear(FrozenQuantizedLinear):
             return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, out))
 
         candidates["dequant"] = dequant
+        # compiled: `dequant` (inductor 2.13 fails to lower `_weight_int4pack_mm_for_cpu` fed by a fused norm)
         return quantized_forward("int4", self, x, candidates)
 
     def extra_repr(self) -> str:
@@ -192,19 +194,38 @@ class Int4Linear(FrozenQuantizedLinear):
                 f"int4, group_size={self.group_size}")
 
 
-def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: dict) -> torch.Tensor:
+def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: dict, compiled: tuple[str, ...] = ()) -> torch.Tensor:
     """`linear(x)` `[..., out]` for an int8/int4 linear: the product on the kernel (name → a call on x's rows
     `[N, in]`) that `fastest` picks for this weight shape, row count and dtype, then bias and LoRA. Under autograd
-    (LoRA over a quantized base trains) or while compiling, the dequantizing form, which both can see through."""
+    (LoRA over a quantized base trains), the dequantizing form, which it can see through; while compiling, the
+    choice measured before tracing (`measure_quantized`) where it is one of `compiled` (kernels a graph can hold),
+    else the dequantizing form."""
     x2 = x.reshape(-1, linear.in_features)  # [N, in]
-    if torch.is_grad_enabled() and x2.requires_grad or torch.compiler.is_compiling() or len(candidates) == 1:
+    key = f"{fmt}:{linear.out_features}x{linear.in_features}:{rows_bucket(x2.shape[0])}:{str(x2.dtype)[6:]}:{x2.device.type}"
+    if fmt == "int4":
+        key += f":g{linear.group_size}"
+    if torch.is_grad_enabled() and x2.requires_grad or len(candidates) == 1:
         name = "dequant"
+    elif torch.compiler.is_compiling():
+        name = known_choice(key) if compiled and known_choice(key) in compiled else "dequant"
     else:
-        key = f"{fmt}:{linear.out_features}x{linear.in_features}:{rows_bucket(x2.shape[0])}:{str(x2.dtype)[6:]}:{x2.device.type}"
-        if fmt == "int4":
-            key += f":g{linear.group_size}"
         name = fastest(key, {n: lambda call=call: call(x2) for n, call in candidates.items()})
     y = candidates[name](x2).reshape(*x.shape[:-1], linear.out_features)
     if linear.bias is not None:
         y = y + linear.bias.to(x.dtype)
     return with_lora(linear, x, y)
+
+
+def measure_quantized(modules: list[nn.Module], rows: int, dtype: torch.dtype) -> None:
+    """Before a decode step with `rows` rows is compiled: one int8 / w8a8 linear of each shape in `modules` run once
+    on random rows, so that `fastest` has chosen its kernel, which the compiled step then reads (`quantized_forward`;
+    int4 compiled always dequantizes: nothing to choose)."""
+    shapes = {}
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, Int8Linear):  # W8A8Linear too
+                shapes.setdefault((type(m).__name__, m.out_features, m.in_features), m)
+    with torch.no_grad():
+        for _, m in sorted(shapes.items(), key=lambda kv: kv[0]):
+            device = next(m.buffers()).device
+            m(torch.randn(rows, m.in_features, dtype=dtype, device=device))

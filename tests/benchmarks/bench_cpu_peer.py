@@ -200,8 +200,8 @@ def main() -> None:
     for kind, f in ggufs.items():
         read[kind], types[kind] = gguf_bytes_per_token(llama, f)
     prompt = torch.randint(0, 150_000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    for m in models.values():  # warm-up: kernel choices measured, compiled graphs built
-        qva_round(m, prompt, 8, args.compile)
+    for m in models.values():  # warm-up: kernel choices measured, compiled graphs built (a round's cache sizes)
+        qva_round(m, prompt, args.new_tokens if args.compile else 8, args.compile)
     accuracy = qva_accuracy(models, prompt)
     runs: dict[str, dict[str, list[float]]] = {k: {"pp": [], "decode": []} for k in [*variants, *ggufs]}
     for r in range(args.rounds):

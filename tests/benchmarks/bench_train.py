@@ -362,9 +362,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--family", choices=("qwen2_vl", "qwen3_vl"), default="qwen2_vl", help="the small base's family")
     p.add_argument("--parquet", action="store_true", help="train and score the speech stages from parquet-with-bytes copies of the sets")
-    p.add_argument("--extra", type=int, default=None, help="synthesized training clips (espeak-ng + sox; full recipe: 1200, slice: 0)")
+    p.add_argument("--extra", type=int, default=None, help=f"synthesized training clips (espeak-ng + sox; full recipe: {FULL['extra']}, slice: 0)")
     p.add_argument("--broad-augment", action="store_true", help="the BROAD variant of the full recipe (measured worse)")
-    p.add_argument("--hard", type=int, default=None, help="clips of the hard unseen set (full recipe: 200, slice: 0)")
+    p.add_argument("--hard", type=int, default=None, help=f"clips of the hard unseen set (full recipe: {FULL['hard']}, slice: 0)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="one recipe setting changed (a key of FULL, e.g. stretch=8): one lever measured at a time")
     p.add_argument("--whisper-dtype", choices=("auto", "bf16", "fp32"), default="auto",

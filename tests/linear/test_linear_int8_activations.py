@@ -78,3 +78,21 @@ def test_gradients_pass_through_the_rounding():
     x = torch.randn(1, 64, requires_grad=True)
     q(x).sum().backward()
     assert rel(x.grad, q.dequantized().sum(dim=0, keepdim=True)) < 1e-5  # d Σ(x Wᵀ)/dx with the rounding as identity
+
+
+@pytest.mark.skipif(not L.fbgemm_available(), reason="this PyTorch build has no fbgemm dynamic linear")
+def test_fbgemm_packs_once_and_again_after_a_write(kernel_cache, monkeypatch):
+    """fbgemm's packed copy is kept per weight and made again when `weight_int8` or `weight_scale` is written."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(L.KERNEL_OVERRIDE, "fbgemm")
+    q = L.W8A8Linear.from_linear(Linear(128, 64).to(torch.float32))
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        first = q(x)
+        assert L.packed_weight(q.weight_int8, q.weight_scale) is L.packed_weight(q.weight_int8, q.weight_scale)
+        q.weight_int8[:32].neg_()  # the first 32 output rows' weights negated in place
+        q.weight_scale[32:].mul_(2)
+        second = q(x)
+    assert rel(second, rounded_product(q, x, L.activation_levels())) < 2e-4
+    torch.testing.assert_close(second[:, :32] - q.bias[:32], -(first[:, :32] - q.bias[:32]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second[:, 32:] - q.bias[32:], 2 * (first[:, 32:] - q.bias[32:]), rtol=1e-4, atol=1e-4)

@@ -207,7 +207,7 @@ def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: 
     if torch.is_grad_enabled() and x2.requires_grad or len(candidates) == 1:
         name = "dequant"
     elif torch.compiler.is_compiling():
-        name = known_choice(key) if compiled and known_choice(key) in compiled else "dequant"
+        name = choice if (choice := known_choice(key)) in compiled else "dequant"
     else:
         name = fastest(key, {n: lambda call=call: call(x2) for n, call in candidates.items()})
     y = candidates[name](x2).reshape(*x.shape[:-1], linear.out_features)
@@ -227,5 +227,4 @@ def measure_quantized(modules: list[nn.Module], rows: int, dtype: torch.dtype) -
                 shapes.setdefault((type(m).__name__, m.out_features, m.in_features), m)
     with torch.no_grad():
         for _, m in sorted(shapes.items(), key=lambda kv: kv[0]):
-            device = next(m.buffers()).device
-            m(torch.randn(rows, m.in_features, dtype=dtype, device=device))
+            m(torch.randn(rows, m.in_features, dtype=dtype, device=m.weight_int8.device))

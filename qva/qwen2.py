@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
+from .attention import attention
 from .kv_cache import KVCache, LayerCache
 from .linear import Linear, large_matmul_dtype
 from .merge import DeepStack
@@ -67,9 +68,7 @@ class Attention(nn.Module):
         # one-token decoding keeps bf16/fp16 activations, but attention is a matrix product over the cache:
         # on a CPU without native half-precision matmul it runs ~5× faster in fp32, conversions included
         dt = large_matmul_dtype(q.dtype, q.device)
-        y = F.scaled_dot_product_attention(
-            q.to(dt), k.to(dt), v.to(dt), attn_mask=visible, is_causal=visible is None, enable_gqa=self.heads != self.kv_heads
-        )
+        y = attention(q.to(dt), k.to(dt), v.to(dt), visible)  # [B, H, S, e]
         return self.o_proj(rearrange(y.to(x.dtype), "b h s e -> b s (h e)"))
 
 

@@ -73,11 +73,16 @@ def packed_weight(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
     return held[1]
 
 
-@torch.library.custom_op("qva::w8a8_row", mutates_args=())
-def fbgemm_row(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, levels: int) -> torch.Tensor:
+def fbgemm_row_eager(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, levels: int) -> torch.Tensor:
     """`x2` `[1, in]` → `[1, out]` in x2's dtype: fbgemm's dynamic linear (the rounding of the module docstring)."""
     packed = packed_weight(weight_int8, weight_scale)
     return torch.ops.quantized.linear_dynamic(x2.float(), packed, levels == 127).to(x2.dtype)
+
+
+@torch.library.custom_op("qva::w8a8_row", mutates_args=())
+def fbgemm_row(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """`fbgemm_row_eager` as an operator, for a compiled step (eager calls skip the dispatcher's ~10 µs a call)."""
+    return fbgemm_row_eager(x2, weight_int8, weight_scale, levels)
 
 
 @fbgemm_row.register_fake
@@ -110,7 +115,8 @@ class W8A8Linear(Int8Linear):
         levels = self.levels
         candidates = {}
         if x.device.type == "cpu" and self.has_fbgemm:
-            candidates["fbgemm"] = lambda x2: fbgemm_row(x2, self.weight_int8, self.weight_scale, levels)
+            row = fbgemm_row if torch.compiler.is_compiling() else fbgemm_row_eager
+            candidates["fbgemm"] = lambda x2: row(x2, self.weight_int8, self.weight_scale, levels)
 
         def dequant(x2):  # the same rounding; integers up to 256 are exact in bf16, products summed in fp32
             xq, s = round_row(x2, levels)

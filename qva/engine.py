@@ -16,7 +16,8 @@ between steps without touching the other rows: continuous batching.
 
 `compile=True` compiles the decode step with static shapes (the whole cache buffer, masked), once per
 batch bucket (1, 2, 4, … rows) rather than per request: a step over n active rows runs the bucket that
-holds them. On CPU with bf16/fp16 weights its matrix–vector products are `linear.gemv`'s where that was
+holds them. On CPU with bf16/fp16 weights its attention runs in the dtype measured faster here
+(`attention.decode_dtype`), its matrix–vector products are `linear.gemv`'s where that was
 measured faster on this machine (`linear.measure_gemv`); the int8 / w8a8 products run the kernel measured
 fastest for their shape and row count (`linear.measure_quantized`), inside the graph.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import decode_dtype
 from .inputs import ModelInputs
 from .kv_cache import KVCache
 from .linear import cpu_has_fast_half_matmul, measure_gemv, measure_quantized
@@ -37,6 +39,7 @@ class Decoder:
         self.model, self.cache = model, cache
         if compile:  # the kernels and dtypes the compiled step will use, chosen by timing here, before tracing
             cpu_has_fast_half_matmul()
+            decode_dtype(model.dtype, model.device)
             measure_gemv([model.model, model.lm_head], cache.rows_held)
             measure_quantized([model.model, model.lm_head], cache.rows_held, model.dtype)
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step

@@ -65,10 +65,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # attend over everything cached so far, this step included
             k, v = cache.update(slots, k, v, visible.shape[-1])
-        # one-token decoding keeps bf16/fp16 activations, but attention is a matrix product over the cache:
-        # on a CPU without native half-precision matmul it runs ~5× faster in fp32, conversions included
-        dt = large_matmul_dtype(q.dtype, q.device)
-        y = attention(q.to(dt), k.to(dt), v.to(dt), visible)  # [B, H, S, e]
+        y = attention(q, k, v, visible)  # [B, H, S, e], in the dtype and layout `qva/attention.py` picks
         return self.o_proj(rearrange(y.to(x.dtype), "b h s e -> b s (h e)"))
 
 

@@ -43,3 +43,38 @@ def test_prompt_without_a_mask_is_causal():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
     assert max_rel_err(attention(q, k, v, None), reference(q, k, v, None)) < 2e-6
+
+
+@pytest.mark.parametrize("forced,want", [("storage", torch.bfloat16), ("float32", torch.float32)])
+def test_decode_dtype_is_the_measured_choice(forced, want, kernel_cache, monkeypatch):
+    """A one-query step runs in the dtype `fastest` chose for this machine (here forced) and answers in q's dtype;
+    a prompt keeps the large-product dtype; the choice is remembered under the decode key."""
+    from qva import attention as A
+    from qva.linear import measure
+
+    monkeypatch.setenv(measure.KERNEL_OVERRIDE, forced)
+    assert A.decode_dtype(torch.bfloat16, torch.device("cpu")) == want
+    assert A.decode_dtype(torch.float32, torch.device("cpu")) == torch.float32  # nothing to choose
+    seen = []
+    sdpa = A.F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
+    q, k, v = torch.randn(2, 12, 1, 16).bfloat16(), torch.randn(2, 2, 9, 16).bfloat16(), torch.randn(2, 2, 9, 16).bfloat16()
+    assert attention(q, k, v, torch.ones(2, 1, 1, 9, dtype=torch.bool)).dtype == torch.bfloat16
+    assert seen == [want]
+
+
+def test_decode_dtype_is_measured_once_and_follows_the_policy(kernel_cache, monkeypatch):
+    from qva import attention as A
+    from qva.linear import measure, set_policy
+
+    got = A.decode_dtype(torch.bfloat16, torch.device("cpu"))
+    key = A.DECODE_KEY.format(dtype="bfloat16")
+    choice = measure.known_choice(key)
+    assert choice in ("storage", "float32") and got == (torch.float32 if choice == "float32" else torch.bfloat16)
+    try:
+        set_policy("float32")
+        assert A.decode_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+        set_policy("storage")
+        assert A.decode_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    finally:
+        set_policy(None)

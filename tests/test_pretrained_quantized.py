@@ -103,18 +103,24 @@ def test_w8a8_stores_int8_weights_and_rounds_one_row_activations(demo_dirs):
     assert rel_l2(got8, want) < rel_l2(got, want) < 0.08 and rel_l2(got, got8) > 1e-3
 
 
-@pytest.mark.parametrize("fmt,kernel", [("w8a8", "fbgemm"), ("w8a8", "dequant"), ("int8", "aten")])
+@pytest.mark.parametrize("fmt,kernel", [("w8a8", "fbgemm"), ("w8a8", "dequant"), ("int8", "aten"), ("int4", "aten")])
 def test_compiled_decode_runs_the_measured_kernel(fmt, kernel, demo_dirs, fresh_dynamo, kernel_cache, monkeypatch):
     """The compiled step runs the kernel chosen before tracing (here forced): w8a8's fbgemm custom op (each weight
     packed once, not once a step) or `dequant` (the same rounding in floating point), int8's aten kernel (no weight
-    dequantized in the graph); the greedy tokens equal eager's."""
+    dequantized in the graph), int4's aten kernel as the custom op `qva::int4_rows` (every int4 linear, every
+    step); the greedy tokens equal eager's."""
     from qva.linear import int8_activations, weight_only
 
     if kernel == "fbgemm" and not int8_activations.fbgemm_available():
         pytest.skip("this PyTorch build has no fbgemm dynamic linear")
+    if fmt == "int4" and not L.int4_kernel_reads_stored_layout():
+        pytest.skip("this machine's int4 kernel reads another layout: int4 dequantizes, compiled or not")
     monkeypatch.setenv(L.KERNEL_OVERRIDE, kernel)
     qwen, _ = demo_dirs
-    model = qva.load(qwen, dtype=torch.float32, quantize=fmt, quantize_modules=("llm", "head"))
+    model = qva.load(qwen, dtype=torch.float32, quantize=fmt, quantize_modules=("llm", "head"), group_size=32)
+    int4_calls = []
+    eager_int4 = weight_only.int4_rows_eager
+    monkeypatch.setattr(weight_only, "int4_rows_eager", lambda *a: int4_calls.append(1) or eager_int4(*a))
     ids = prompt_ids()[:1, :12]
     packs, calls, dequantized = [], [], []
     pack, row = int8_activations.fbgemm_pack, int8_activations.packed_weight
@@ -124,10 +130,13 @@ def test_compiled_decode_runs_the_measured_kernel(fmt, kernel, demo_dirs, fresh_
     monkeypatch.setattr(weight_only, "cast_weight", lambda *a: dequantized.append(1) or cast(*a))
     with torch.inference_mode():
         eager = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[])
-        eager_calls = len(calls)
+        eager_calls, eager_int4_calls = len(calls), len(int4_calls)
         compiled = model.generate(input_ids=ids, max_new_tokens=8, eos_token_id=[], compile=True)
     assert compiled.tolist() == eager.tolist()
-    linears = sum(isinstance(m, L.Int8Linear) for m in model.modules())
+    linears = sum(isinstance(m, L.Int8Linear | L.Int4Linear) for m in model.modules())
+    if fmt == "int4":  # every int4 linear on the kernel: 8 steps eagerly (the prompt included), 7 compiled ones
+        assert linears and eager_int4_calls >= 8 * linears and len(int4_calls) - eager_int4_calls >= 7 * linears, (
+            linears, eager_int4_calls, len(int4_calls))
     if kernel == "fbgemm":  # 7 one-row steps through every linear, eager and then in the graph; one packing a weight
         assert eager_calls >= 7 * linears and len(calls) - eager_calls >= 7 * linears and len(packs) == linears, (eager_calls, len(calls), len(packs))
     else:

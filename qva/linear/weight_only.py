@@ -176,8 +176,10 @@ class Int4Linear(FrozenQuantizedLinear):
         if x.device.type == "cpu" and self.kernel_reads_layout:
             sz = self.weight_scales_zeros.to(x.dtype)
 
+            product = int4_rows if torch.compiler.is_compiling() else int4_rows_eager
+
             def aten(x2):
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group_size, sz)
+                return product(x2.contiguous(), self.weight_int4, self.group_size, sz)
 
             candidates["aten"] = aten
 
@@ -186,12 +188,28 @@ class Int4Linear(FrozenQuantizedLinear):
             return F.linear(x2, int4_dequantize(self.weight_int4, self.weight_scales_zeros, x.dtype, out))
 
         candidates["dequant"] = dequant
-        # compiled: `dequant` (inductor 2.13 fails to lower `_weight_int4pack_mm_for_cpu` fed by a fused norm)
-        return quantized_forward("int4", self, x, candidates)
+        return quantized_forward("int4", self, x, candidates, compiled=("aten",))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int4, group_size={self.group_size}")
+
+
+def int4_rows_eager(x2: torch.Tensor, weight_int4: torch.Tensor, group_size: int, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """`x2` `[N, in]` → `[N, out]`: PyTorch's CPU int4 kernel over the stored layout (`int4_kernel_reads_stored_layout`)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4, group_size, scales_zeros)
+
+
+@torch.library.custom_op("qva::int4_rows", mutates_args=())
+def int4_rows(x2: torch.Tensor, weight_int4: torch.Tensor, group_size: int, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """`int4_rows_eager` as an opaque operator for a compiled step: inductor 2.13 fails to lower the aten kernel
+    itself when a fused norm feeds it."""
+    return int4_rows_eager(x2, weight_int4, group_size, scales_zeros)
+
+
+@int4_rows.register_fake
+def _(x2, weight_int4, group_size, scales_zeros):
+    return x2.new_empty(x2.shape[0], weight_int4.shape[0])
 
 
 def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: dict, compiled: tuple[str, ...] = ()) -> torch.Tensor:
@@ -217,14 +235,14 @@ def quantized_forward(fmt: str, linear: nn.Module, x: torch.Tensor, candidates: 
 
 
 def measure_quantized(modules: list[nn.Module], rows: int, dtype: torch.dtype) -> None:
-    """Before a decode step with `rows` rows is compiled: one int8 / w8a8 linear of each shape in `modules` run once
-    on random rows, so that `fastest` has chosen its kernel, which the compiled step then reads (`quantized_forward`;
-    int4 compiled always dequantizes: nothing to choose)."""
+    """Before a decode step with `rows` rows is compiled: one int8 / w8a8 / int4 linear of each shape (and group) in
+    `modules` run once on random rows, so that `fastest` has chosen its kernel, which the compiled step then reads
+    (`quantized_forward`)."""
     shapes = {}
     for module in modules:
         for m in module.modules():
-            if isinstance(m, Int8Linear):  # W8A8Linear too
-                shapes.setdefault((type(m).__name__, m.out_features, m.in_features), m)
+            if isinstance(m, Int8Linear | Int4Linear):  # W8A8Linear too
+                shapes.setdefault((type(m).__name__, m.out_features, m.in_features, getattr(m, "group_size", 0)), m)
     with torch.no_grad():
         for _, m in sorted(shapes.items(), key=lambda kv: kv[0]):
-            m(torch.randn(rows, m.in_features, dtype=dtype, device=m.weight_int8.device))
+            m(torch.randn(rows, m.in_features, dtype=dtype, device=next(m.buffers()).device))

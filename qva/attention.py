@@ -34,13 +34,13 @@ def decode_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
     if p == "float32":
         return torch.float32
     key = DECODE_KEY.format(dtype=str(stored)[6:])
-    if torch.compiler.is_compiling():
-        return torch.float32 if known_choice(key) == "float32" else stored
-    q, k, v = torch.randn(1, 12, 1, 128).to(stored), torch.randn(1, 2, 1024, 128).to(stored), torch.randn(1, 2, 1024, 128).to(stored)
-    visible = torch.ones(1, 1, 1, 1024, dtype=torch.bool)
-    with torch.no_grad():
-        choice = fastest(key, {"storage": lambda: _attend(q, k, v, visible),
-                               "float32": lambda: _attend(q.float(), k.float(), v.float(), visible)})
+    choice = known_choice(key)  # the common case, and the only answer while tracing: no tensors made
+    if choice not in ("storage", "float32") and not torch.compiler.is_compiling():
+        q, k, v = (torch.randn(1, h, t, 128).to(stored) for h, t in ((12, 1), (2, 1024), (2, 1024)))
+        visible = torch.ones(1, 1, 1, 1024, dtype=torch.bool)
+        with torch.no_grad():
+            choice = fastest(key, {"storage": lambda: _attend(q, k, v, visible),
+                                   "float32": lambda: _attend(q.float(), k.float(), v.float(), visible)})
     return torch.float32 if choice == "float32" else stored
 
 

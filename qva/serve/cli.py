@@ -16,24 +16,13 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
-from ..linear import QUANTIZED_LINEARS
-
-DTYPES = ("bf16", "fp16", "fp32")
+from ..cli_common import add_load_flags, load_kwargs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qva-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="Qwen2-VL checkpoint folder, a saved qva graft, or a training run's adapter folder")
-    p.add_argument("--whisper", type=Path, help="Whisper checkpoint folder to graft on (audio input)")
-    p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT layout) to apply")
-    p.add_argument("--quantize", choices=sorted(QUANTIZED_LINEARS),
-                   help="quantization of the linears at load: int8/int4/nf4 weights only; w8a8 int8 weights and one-row activations")
-    p.add_argument("--quantize-modules", default="llm", help="comma-separated stacks to quantize: llm, vision, whisper, head (the vocabulary head)")
-    p.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and zero")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_load_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (once per batch bucket)")
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows: requests decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="tokens per request, prompt + answer (default: the model's, ≤ 4096)")
@@ -66,7 +55,6 @@ def settings_and_loader(args):
     """Check the arguments (one-line errors) and return the server settings and a model loader."""
     import torch
 
-    from ..cli_common import DTYPES as TORCH_DTYPES
     from ..cli_common import UserError
     from .app import Settings
     from .transcribe import DEFAULT_TRANSCRIBE_PROMPT, DEFAULT_TRANSLATE_PROMPT, trained_prompt
@@ -107,8 +95,7 @@ def settings_and_loader(args):
     def loader():
         from ..pretrained import load
 
-        model = load(args.model, whisper=args.whisper, adapter=args.adapter, dtype=TORCH_DTYPES.get(args.dtype), device=args.device,
-                     quantize=args.quantize, quantize_modules=tuple(args.quantize_modules.split(",")), group_size=args.group_size)
+        model = load(args.model, **load_kwargs(args))
         print(f"qva-serve: {settings.model_name} loaded; serving on http://{args.host}:{args.port}/v1 (playground: "
               f"http://{args.host}:{args.port}/); transcriptions ask {settings.transcribe_prompt!r}", flush=True)
         return model

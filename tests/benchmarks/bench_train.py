@@ -106,7 +106,7 @@ def draw_strings(n: int, rng: random.Random, avoid: set[str], repeat: float = 0.
 
 
 def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: int = 0, hard: int = 0, seed: int = 0,
-            stretch: int = 6, repeat: float = 0.1, broad: bool = False, speed: float = 0.1) -> dict[str, Path]:
+            stretch: int = FULL["stretch"], repeat: float = FULL["repeat"], broad: bool = False, speed: float = FULL["speed"]) -> dict[str, Path]:
     """Manifests: the text task (lm), the speech task (train: the corpus's seen voices plus `extra` synthesized
     clips, dev), the unseen-voice set, and the `hard` unseen set (`digit_speech.py`; needs espeak-ng and sox)."""
     import digit_speech
@@ -138,7 +138,7 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
         synthesized["hard"] = digit_speech.write_set(out / "data" / "hard", digit_speech.hard_rows(hard_strings, seed + HARD_DRAW))
     if extra:
         seen_voices = sorted({x["voice"] for x in seen_train})
-        rows = digit_speech.extra_rows(extra_strings, seen_voices, seed + 2, broad, speed)
+        rows = digit_speech.extra_rows(extra_strings, seen_voices, seed + 2, broad, speed=speed)
         synthesized["extra"] = digit_speech.write_set(out / "data" / "extra", rows)
     extra_rows = [json.loads(line) for line in synthesized["extra"].read_text().splitlines()] if extra else []
 

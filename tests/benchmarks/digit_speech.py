@@ -104,7 +104,7 @@ def render(out: Path, row: dict, tmp: Path) -> float:
     return len(wave) / rate
 
 
-def extra_rows(strings: list[str], voices: list[str], seed: int, broad: bool = False, speed: float = 0.1) -> list[dict]:
+def extra_rows(strings: list[str], voices: list[str], seed: int, broad: bool = False, *, speed: float) -> list[dict]:
     """Training rows; `broad`: a condition of TRAIN_CONDITIONS each, else clean or white noise (one in two); sox
     `speed` 1 − `speed`, 1 or 1 + `speed` (one in three each)."""
     rng = random.Random(seed)

@@ -73,11 +73,11 @@ def test_digits_recipe_string_and_condition_draws():
         pairs = [(a, b) for s in strings for a, b in zip(s, s[1:])]
         assert abs(sum(a == b for a, b in pairs) / len(pairs) - repeat) < 0.03
         assert len(set(strings)) == 2000 and not avoid & set(strings) and all(2 <= len(s) <= 6 for s in strings)
-    rows = digit_speech.extra_rows(["123"] * 400, ["en-us+m3"], 0, broad=True)
+    rows = digit_speech.extra_rows(["123"] * 400, ["en-us+m3"], 0, broad=True, speed=0.1)
     assert {r["condition"] for r in rows} == set(digit_speech.TRAIN_CONDITIONS)
     assert not {r["condition"] for r in rows} & set(digit_speech.HARD_CONDITIONS)
-    assert {r["condition"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {"clean", "white-noise"}
-    assert {r["speed"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0)} == {0.9, 1.0, 1.1}
+    assert {r["condition"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0, speed=0.1)} == {"clean", "white-noise"}
+    assert {r["speed"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0, speed=0.1)} == {0.9, 1.0, 1.1}
     assert {r["speed"] for r in digit_speech.extra_rows(["123"] * 50, ["en-us+m3"], 0, speed=0.25)} == {0.75, 1.0, 1.25}
 
 

@@ -39,21 +39,21 @@ def decode_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
         q, k, v = (torch.randn(1, h, t, 128).to(stored) for h, t in ((12, 1), (2, 1024), (2, 1024)))
         visible = torch.ones(1, 1, 1, 1024, dtype=torch.bool)
         with torch.no_grad():
-            choice = fastest(key, {"storage": lambda: _attend(q, k, v, visible),
-                                   "float32": lambda: _attend(q.float(), k.float(), v.float(), visible)})
+            choice = fastest(key, {"storage": lambda: _attend(q, k, v, visible, fold=True),
+                                   "float32": lambda: _attend(q.float(), k.float(), v.float(), visible, fold=True)})
     return torch.float32 if choice == "float32" else stored
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
     """Softmax(q kᵀ / √e, masked by `visible`) v for grouped heads, in q's dtype; shapes in the module docstring."""
-    one_query = q.shape[2] == 1 and visible is not None and visible.shape[-2] == 1
+    one_query = q.shape[2] == 1 and visible is not None  # a decode step (its mask `[B, 1, 1, T]`)
     dt = decode_dtype(q.dtype, q.device) if one_query else large_matmul_dtype(q.dtype, q.device)
-    return _attend(q.to(dt), k.to(dt), v.to(dt), visible).to(q.dtype)
+    return _attend(q.to(dt), k.to(dt), v.to(dt), visible, fold=one_query).to(q.dtype)
 
 
-def _attend(q, k, v, visible):
+def _attend(q, k, v, visible, fold: bool):
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and q.shape[2] == 1 and visible is not None and visible.shape[-2] == 1:  # one query a row
+    if fold and groups > 1:
         folded = rearrange(q, "b (h g) s e -> b h (g s) e", g=groups)  # [B, Hkv, G, e]
         y = F.scaled_dot_product_attention(folded, k, v, attn_mask=visible)  # visible [B, 1, 1, T] → every G
         return rearrange(y, "b h (g s) e -> b (h g) s e", g=groups)

@@ -61,17 +61,25 @@ PROMPT = "Transcribe the digits."
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, lm_steps=600, lm_lr=3e-3, batch=64,
             s1_steps=300, s1_lr=3e-3, s2_steps=300, s2_lr=1e-3, s2_projector_lr=1e-3, rank=16, clips=None, eval_every=200,
-            lm_eval_every=200, lm_strings=10000, extra=2000, hard=200, stretch=6, repeat=0.1, broad=False, speed=0.25)
+            lm_eval_every=200, lm_strings=10000, extra=2000, hard=200, stretch=6, repeat=0.1, broad=False, speed=0.25,
+            voices="seen")
 # `--broad-augment` (measured worse in one run, see the README): words stretched up to 9, strings that repeat a
 # digit 3 times in 10, all of digit_speech's TRAIN_CONDITIONS, with a shorter schedule
 BROAD = dict(lm_steps=500, s1_steps=200, s2_steps=250, eval_every=50, lm_eval_every=250, extra=1600, stretch=9, repeat=0.3, broad=True)
 SLICE = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512, lm_steps=220, lm_lr=5e-3, batch=32,
              s1_steps=100, s1_lr=5e-3, s2_steps=0, s2_lr=1e-3, s2_projector_lr=1e-3, rank=8, clips=240, eval_every=0,
-             lm_eval_every=0, lm_strings=4000, extra=0, hard=0, stretch=6, repeat=0.1, broad=False, speed=0.1)
+             lm_eval_every=0, lm_strings=4000, extra=0, hard=0, stretch=6, repeat=0.1, broad=False, speed=0.1,
+             voices="seen")
 
 
 def held_out_voices(voices: set[str]) -> set[str]:
     return set(sorted(voices)[3::8])
+
+
+def sounds_unlike_training(voice: str) -> bool:
+    """False for the corpus's en-gb voices: espeak-ng spoke every "en-gb+VARIANT" as the one base en-gb voice
+    (`digit_speech.espeak_voice`), so a held-out en-gb voice is heard in training under other names."""
+    return voice.partition("+")[0] != "en-gb"
 
 
 SILENCE = "<|vision_pad|>"
@@ -106,9 +114,12 @@ def draw_strings(n: int, rng: random.Random, avoid: set[str], repeat: float = 0.
 
 
 def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: int = 0, hard: int = 0, seed: int = 0,
-            stretch: int = FULL["stretch"], repeat: float = FULL["repeat"], broad: bool = False, speed: float = FULL["speed"]) -> dict[str, Path]:
+            stretch: int = FULL["stretch"], repeat: float = FULL["repeat"], broad: bool = False, speed: float = FULL["speed"],
+            voices: str = FULL["voices"]) -> dict[str, Path]:
     """Manifests: the text task (lm), the speech task (train: the corpus's seen voices plus `extra` synthesized
-    clips, dev), the unseen-voice set, and the `hard` unseen set (`digit_speech.py`; needs espeak-ng and sox)."""
+    clips, in the seen voices or, `voices="wide"`, those and new variants of their accents; dev), the unseen-voice
+    set (and `unseen_distinct`: its clips whose voice sounds unlike every training voice), and the `hard` unseen
+    set (`digit_speech.py`; needs espeak-ng and sox)."""
     import digit_speech
 
     train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
@@ -138,6 +149,10 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
         synthesized["hard"] = digit_speech.write_set(out / "data" / "hard", digit_speech.hard_rows(hard_strings, seed + HARD_DRAW))
     if extra:
         seen_voices = sorted({x["voice"] for x in seen_train})
+        if voices == "wide":
+            seen_voices = digit_speech.wide_voices(seen_voices)
+        elif voices != "seen":
+            raise SystemExit(f"voices={voices!r}: expected 'seen' or 'wide'")
         rows = digit_speech.extra_rows(extra_strings, seen_voices, seed + 2, broad, speed=speed)
         synthesized["extra"] = digit_speech.write_set(out / "data" / "extra", rows)
     extra_rows = [json.loads(line) for line in synthesized["extra"].read_text().splitlines()] if extra else []
@@ -169,6 +184,8 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
         "train": speech(seen_train + extra_rows, "train.jsonl", lambda x: "extra" if "condition" in x else "train"),
         "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
         "unseen": speech(unseen, "unseen.jsonl", lambda x: "train" if x in train else "dev"),
+        "unseen_distinct": speech([x for x in unseen if sounds_unlike_training(x["voice"])], "unseen_distinct.jsonl",
+                                  lambda x: "train" if x in train else "dev"),
         "held_out_voices": sorted(held),
     }
     if hard:
@@ -383,8 +400,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifests = prepare(args.data, out, prm["clips"], prm["lm_strings"], prm["extra"], prm["hard"], args.seed, prm["stretch"],
-                        prm["repeat"], prm["broad"], prm["speed"])
-    speech_sets = tuple(k for k in ("dev", "unseen", "hard") if k in manifests)
+                        prm["repeat"], prm["broad"], prm["speed"], prm["voices"])
+    speech_sets = tuple(k for k in ("dev", "unseen", "hard", "unseen_distinct") if k in manifests)
     if args.parquet:  # the speech sets as datasets ship them: the clips' bytes inside the parquet rows
         manifests.update({k: to_parquet(manifests[k]) for k in ("train", *speech_sets)})
     whisper_dtype = args.whisper_dtype

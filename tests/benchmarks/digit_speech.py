@@ -9,7 +9,8 @@ Two sets, both written as `{"audio", "text", "spoken", "voice", "rate", "pitch",
           clips in three, white noise at 20–40 dB SNR on one in two; `broad`: instead one recording condition of
           TRAIN_CONDITIONS a clip (clean on two in eight): white noise at 20–40 dB SNR, brown noise (1/f²) at
           15–30 dB, a low-pass at 4–6.5 kHz, a high-pass at 80–200 Hz, one discrete echo (40–120 ms), a ±6 dB
-          equaliser band — none of them the hard set's
+          equaliser band — none of them the hard set's; `wide` voices: besides the seen voices, the corpus's four
+          accents with WIDE_VARIANTS, espeak-ng variants neither the corpus nor the hard set uses
   hard    the unseen set no stage trains or selects on: accents the corpus never uses (en-gb-x-rp, en-gb-x-gbclan,
           en-gb-x-gbcwmd, en-us-nyc) × voice variants it never uses, rates and pitches outside its ranges
           (100–130 or 200–240 wpm; pitch 10–28 or 72–90), and a recording condition no training clip has:
@@ -43,7 +44,26 @@ HARD_VARIANTS = ("f4", "f5", "m5", "m6", "m7", "m8", "Alex", "Annie", "Andrea", 
                  "steph2", "travis", "zac", "aunty", "shelby", "norbert", "quincy")
 HARD_CONDITIONS = ("reverb", "telephone", "pink-noise", "reverb+pink-noise")
 TRAIN_CONDITIONS = ("clean", "clean", "white-noise", "brown-noise", "lowpass", "highpass", "echo", "eq")
+# variants for more diverse training voices: none of the corpus's or HARD_VARIANTS, none a near copy of one (iven2–4,
+# edward2, steph3 left out; caleb speaks exactly as klatt), no robot, whisper or croak voices
+WIDE_VARIANTS = ("Alicia", "AnxiousAndy", "Denis", "Diogo", "Gene", "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Mike",
+                 "Nguyen", "RicishayMax", "Storm", "anika", "announcer", "antonio", "benjamin", "boris", "ed", "gustave",
+                 "kaukovalta", "klatt", "klatt2", "klatt3", "marcelo", "michel", "miguel", "pablo", "pedro", "rob", "sandro", "victor")
 NOISE_EXPONENT = {"pink-noise": 1.0, "brown-noise": 2.0}  # coloured noises: power ∝ 1/f^exponent
+
+
+def espeak_voice(voice: str) -> str:
+    """The `-v` argument that speaks `voice`: espeak-ng 1.51 drops the variant of "en-gb+VARIANT" (every such voice
+    is the base en-gb voice, byte for byte; the shared corpus's 18 en-gb voices are that one voice), while
+    "en+VARIANT" (en is en-gb) applies it."""
+    language, plus, variant = voice.partition("+")
+    return f"en+{variant}" if language == "en-gb" and plus else voice
+
+
+def wide_voices(seen: list[str]) -> list[str]:
+    """The seen voices plus each of their accents with every WIDE_VARIANTS variant."""
+    accents = sorted({v.partition("+")[0] for v in seen})
+    return sorted(seen) + [f"{a}+{v}" for a in accents for v in WIDE_VARIANTS]
 
 
 def missing_tools() -> list[str]:
@@ -72,7 +92,7 @@ def at_snr(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
 def render(out: Path, row: dict, tmp: Path) -> float:
     """One clip: espeak-ng → sox (resample, speed, reverb or telephone band) → numpy noise and level → FLAC."""
     raw, mid = tmp / f"{out.stem}.wav", tmp / f"{out.stem}.16k.wav"
-    subprocess.run(["espeak-ng", "-v", row["voice"], "-s", str(row["rate"]), "-p", str(row["pitch"]), "-g", str(row["gap"]),
+    subprocess.run(["espeak-ng", "-v", espeak_voice(row["voice"]), "-s", str(row["rate"]), "-p", str(row["pitch"]), "-g", str(row["gap"]),
                     "-w", str(raw), row["spoken"]], check=True, capture_output=True)
     effects = []
     if row.get("speed", 1.0) != 1.0:

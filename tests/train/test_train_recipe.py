@@ -43,7 +43,9 @@ def test_digits_recipe_sets_keep_apart(tmp_path):
     import bench_train
 
     m = bench_train.prepare(DIGITS, tmp_path, 40, 50, extra=3, hard=4)
-    rows = {k: [json.loads(line) for line in m[k].read_text().splitlines()] for k in ("train", "dev", "unseen", "hard", "lm_train")}
+    rows = {k: [json.loads(line) for line in m[k].read_text().splitlines()]
+            for k in ("train", "dev", "unseen", "unseen_distinct", "hard", "lm_train")}
+    assert rows["unseen_distinct"] and all(r in rows["unseen"] and not r["voice"].startswith("en-gb+") for r in rows["unseen_distinct"])
     assert [r["split"] for r in rows["train"]].count("extra") == 3 and len(rows["hard"]) == 4
     corpus = [json.loads(line) for f in ("train.jsonl", "dev.jsonl") for line in (DIGITS / f).read_text().splitlines()]
     assert not {r["voice"] for r in rows["hard"]} & {x["voice"] for x in corpus}
@@ -56,6 +58,40 @@ def test_digits_recipe_sets_keep_apart(tmp_path):
     stamp = Path(rows["hard"][0]["audio"]).stat().st_mtime_ns
     bench_train.prepare(DIGITS, tmp_path, 40, 50, extra=3, hard=4)
     assert Path(rows["hard"][0]["audio"]).stat().st_mtime_ns == stamp  # the same rows: the clips are reused
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng (Debian) not installed")
+def test_digits_recipe_voices_are_what_they_name():
+    """`espeak_voice` makes a British voice's variant heard (espeak-ng 1.51 speaks "en-gb+VARIANT" as the base
+    voice): two variants give different speech, and every other voice passes unchanged."""
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import digit_speech
+
+    def speech(voice):
+        return subprocess.run(["espeak-ng", "-v", digit_speech.espeak_voice(voice), "--stdout", "three zero seven"],
+                              capture_output=True, check=True).stdout
+
+    assert len({speech("en-gb+f3"), speech("en-gb+m3"), speech("en-us+f3")}) == 3
+    assert digit_speech.espeak_voice("en-gb-x-rp+f4") == "en-gb-x-rp+f4" and digit_speech.espeak_voice("en-gb") == "en-gb"
+
+
+def test_digits_recipe_wide_voices_stay_apart():
+    """The wide training voices: every seen voice, plus the seen accents with new variants only — no held-out
+    voice, no corpus variant under another accent, and nothing of the hard set's."""
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    import bench_train
+    import digit_speech
+
+    corpus = {json.loads(line)["voice"] for f in ("train.jsonl", "dev.jsonl") for line in (DIGITS / f).read_text().splitlines()} \
+        if (DIGITS / "train.jsonl").exists() else {f"{a}+{v}" for a in ("en-us", "en-gb") for v in ("m1", "m3", "f2", "david")}
+    held = bench_train.held_out_voices(corpus)
+    seen = sorted(corpus - held)
+    wide = digit_speech.wide_voices(seen)
+    added = set(wide) - set(seen)
+    assert set(seen) <= set(wide) and len(added) == len({v.partition("+")[0] for v in seen}) * len(digit_speech.WIDE_VARIANTS)
+    variants = {v.partition("+")[2] for v in corpus} | set(digit_speech.HARD_VARIANTS)
+    assert not added & held and not {v.partition("+")[2] for v in added} & variants
+    assert not {v.partition("+")[0] for v in wide} & set(digit_speech.HARD_ACCENTS)
 
 
 def test_digits_recipe_string_and_condition_draws():

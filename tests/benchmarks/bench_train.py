@@ -16,7 +16,8 @@ sizes with Qwen3-VL's structure) and runs:
   stage2  projector + LoRA r16 on all seven LLM linears
 
 Speech trained on: the corpus's train clips of the 63 seen voices, plus `--extra` clips synthesized with the same
-voices and ranges and fresh strings, augmented (sox speed 0.75/1.25, white noise; `--broad-augment` adds brown noise,
+voices (`--set voices=wide`: also their accents with new variants)
+and ranges and fresh strings, augmented (sox speed 0.75/1.25, white noise; `--broad-augment` adds brown noise,
 low- and high-passes, an echo, an EQ band: `digit_speech.py`). Scored, never
 trained on: dev (200 clips), the 9 held-out voices (every 8th of the 72, sorted: all their clips, the `unseen`
 set) and the `hard` set (`--hard` clips synthesized with accents, voice variants, rates, pitches and recording

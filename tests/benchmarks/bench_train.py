@@ -16,9 +16,9 @@ sizes with Qwen3-VL's structure) and runs:
   stage2  projector + LoRA r16 on all seven LLM linears
 
 Speech trained on: the corpus's train clips of the 63 seen voices, plus `--extra` clips synthesized with the same
-voices (`--set voices=wide`: also their accents with new variants)
-and ranges and fresh strings, augmented (sox speed 0.75/1.25, white noise; `--broad-augment` adds brown noise,
-low- and high-passes, an echo, an EQ band: `digit_speech.py`). Scored, never
+voices (`--set voices=wide`: also their accents with new variants) and ranges and fresh strings, augmented (sox
+speed 0.75/1.25, white noise; `--broad-augment` adds brown noise, low- and high-passes, an echo, an EQ band:
+`digit_speech.py`). Scored, never
 trained on: dev (200 clips), the 9 held-out voices (every 8th of the 72, sorted: all their clips, the `unseen`
 set) and the `hard` set (`--hard` clips synthesized with accents, voice variants, rates, pitches and recording
 conditions — reverberation, telephone band, pink noise — that no training clip has). No scored string occurs in
@@ -176,6 +176,9 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
                     f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": x["text"]}]}) + "\n")
         return path
 
+    def corpus_split(x: dict) -> str:  # a held-out clip's folder in the corpus
+        return "train" if x in train else "dev"
+
     # the text task is not limited to the recorded strings: fresh random ones (never a dev, unseen or hard string)
     synthetic = [{"text": d, "spoken": digit_speech.spoken(d)}
                  for d in draw_strings(lm_strings, random.Random(0), set(held_strings), repeat=repeat)]
@@ -184,9 +187,8 @@ def prepare(data: Path, out: Path, clips: int | None, lm_strings: int, extra: in
         "lm_dev": text(dev, "lm_dev.jsonl", (False,)), "lm_dev_stretched": text(dev, "lm_dev_stretched.jsonl", (True,)),
         "train": speech(seen_train + extra_rows, "train.jsonl", lambda x: "extra" if "condition" in x else "train"),
         "dev": speech(dev, "dev.jsonl", lambda x: "dev"),
-        "unseen": speech(unseen, "unseen.jsonl", lambda x: "train" if x in train else "dev"),
-        "unseen_distinct": speech([x for x in unseen if sounds_unlike_training(x["voice"])], "unseen_distinct.jsonl",
-                                  lambda x: "train" if x in train else "dev"),
+        "unseen": speech(unseen, "unseen.jsonl", corpus_split),
+        "unseen_distinct": speech([x for x in unseen if sounds_unlike_training(x["voice"])], "unseen_distinct.jsonl", corpus_split),
         "held_out_voices": sorted(held),
     }
     if hard:

@@ -391,9 +391,10 @@ def epoch_order(samples: list[Sample], seed: int, epoch: int, bucket: int | None
 
     Without `bucket`: the seeded permutation (`torch.randperm`, seed · 100 003 + epoch), as always.
     With `bucket` = the batch size: that permutation is cut into windows of BUCKET_BATCHES batches, each window
-    sorted by length (stable) and cut into batches, and the batches of the whole epoch are put in a seeded random
-    order (so a step is not always the shortest or the longest). Consecutive runs of `bucket` indices, which is what
-    each micro-batch takes when the epoch length is a multiple of the batch, then hold samples of similar length.
+    sorted by length (stable) and cut into batches, and the full batches of the whole epoch are put in a seeded
+    random order (so a step is not always the shortest or the longest), the one short batch (when the batch does not
+    divide the epoch) last: consecutive runs of `bucket` indices, which is what each micro-batch takes, then hold
+    samples of similar length, never the end of one batch and the start of the next.
     The last order is kept (recomputing it for every sample of a step would be quadratic)."""
     key = (id(samples), len(samples), seed, epoch, bucket)
     kept = _orders.get("last")
@@ -408,8 +409,10 @@ def epoch_order(samples: list[Sample], seed: int, epoch: int, bucket: int | None
         for w in range(0, len(order), window):
             part = sorted(order[w:w + window], key=lambda j: lengths[j])
             batches += [part[b:b + bucket] for b in range(0, len(part), bucket)]
+        short = [b for b in batches if len(b) < bucket]  # at most one: the last window's remainder
+        batches = [b for b in batches if len(b) == bucket]
         shuffled = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)).tolist()
-        order = [j for b in shuffled for j in batches[b]]
+        order = [j for b in shuffled for j in batches[b]] + [j for b in short for j in b]
     _orders["last"] = (key, samples, order)
     return order
 

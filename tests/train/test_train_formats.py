@@ -374,6 +374,19 @@ def test_bucket_order_is_seeded_recomputable_and_pads_less():
     assert padding_fraction([lengths[i] for i in bucketed], 8) < padding_fraction([lengths[i] for i in plain], 8) / 4
 
 
+def test_bucket_order_keeps_batches_whole_when_the_batch_does_not_divide_the_epoch():
+    """645 samples at batch 8: every run of 8 consecutive indices is one batch of a sorted window (its lengths rise),
+    and the 5 left over come last, not in the middle where every later run would straddle two batches."""
+    rng = np.random.default_rng(1)
+    samples = [_S(int(n)) for n in rng.integers(10, 4000, 645)]
+    order = epoch_order(samples, 3, 1, bucket=8)
+    assert sorted(order) == list(range(645))
+    lengths = [samples[i].input_ids.shape[0] for i in order]
+    runs = [lengths[b:b + 8] for b in range(0, 640, 8)]
+    assert all(run == sorted(run) for run in runs)
+    assert lengths[640:] == sorted(lengths[640:]) and len(lengths[640:]) == 5
+
+
 @need_shared(SHARED / "spoken-digits")
 def test_bucketing_on_spoken_digits_pads_less():
     """Token lengths of the spoken-digits training set (audio tokens from the clip durations, pool 4, plus the

@@ -392,9 +392,11 @@ def epoch_order(samples: list[Sample], seed: int, epoch: int, bucket: int | None
     Without `bucket`: the seeded permutation (`torch.randperm`, seed · 100 003 + epoch), as always.
     With `bucket` = the batch size: that permutation is cut into windows of BUCKET_BATCHES batches, each window
     sorted by length (stable) and cut into batches, and the full batches of the whole epoch are put in a seeded
-    random order (so a step is not always the shortest or the longest), the one short batch (when the batch does not
-    divide the epoch) last: consecutive runs of `bucket` indices, which is what each micro-batch takes, then hold
-    samples of similar length, never the end of one batch and the start of the next.
+    random order (so a step is not always the shortest or the longest). A run takes its micro-batches as runs of
+    `bucket` indices on one grid across epochs, so when the batch does not divide the epoch, an epoch's grid starts
+    `lead` samples in: those first samples complete the previous epoch's last micro-batch, and the remainder goes
+    last (both drawn from the short batch, with one full batch broken up where it is too small). Every micro-batch
+    then holds samples of similar length, except the one that spans each epoch boundary.
     The last order is kept (recomputing it for every sample of a step would be quadratic)."""
     key = (id(samples), len(samples), seed, epoch, bucket)
     kept = _orders.get("last")
@@ -409,10 +411,15 @@ def epoch_order(samples: list[Sample], seed: int, epoch: int, bucket: int | None
         for w in range(0, len(order), window):
             part = sorted(order[w:w + window], key=lambda j: lengths[j])
             batches += [part[b:b + bucket] for b in range(0, len(part), bucket)]
-        short = [b for b in batches if len(b) < bucket]  # at most one: the last window's remainder
+        short = [j for b in batches if len(b) < bucket for j in b]  # the last window's remainder: N mod bucket samples
         batches = [b for b in batches if len(b) == bucket]
         shuffled = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)).tolist()
-        order = [j for b in shuffled for j in batches[b]] + [j for b in short for j in b]
+        full = [batches[b] for b in shuffled]
+        lead = -epoch * len(samples) % bucket  # where this epoch's part of the run's micro-batch grid begins
+        if lead > len(short):
+            short += full.pop()
+        ends = sorted(short, key=lambda j: lengths[j])  # the lead, then the tail: (len(short) - lead) samples
+        order = ends[:lead] + [j for b in full for j in b] + ends[lead:]
     _orders["last"] = (key, samples, order)
     return order
 

@@ -375,16 +375,18 @@ def test_bucket_order_is_seeded_recomputable_and_pads_less():
 
 
 def test_bucket_order_keeps_batches_whole_when_the_batch_does_not_divide_the_epoch():
-    """645 samples at batch 8: every run of 8 consecutive indices is one batch of a sorted window (its lengths rise),
-    and the 5 left over come last, not in the middle where every later run would straddle two batches."""
+    """645 samples at batch 8, over four epochs as a run takes them (micro-batches of 8 on one grid across epochs,
+    `loop.next_sample`): every micro-batch is one batch of a sorted window (its lengths rise), except the one that
+    spans each epoch boundary; nowhere does a short batch sit mid-epoch, where every later micro-batch would
+    straddle two batches."""
     rng = np.random.default_rng(1)
     samples = [_S(int(n)) for n in rng.integers(10, 4000, 645)]
-    order = epoch_order(samples, 3, 1, bucket=8)
-    assert sorted(order) == list(range(645))
-    lengths = [samples[i].input_ids.shape[0] for i in order]
-    runs = [lengths[b:b + 8] for b in range(0, 640, 8)]
-    assert all(run == sorted(run) for run in runs)
-    assert lengths[640:] == sorted(lengths[640:]) and len(lengths[640:]) == 5
+    orders = [epoch_order(samples, 3, e, bucket=8) for e in range(4)]
+    assert all(sorted(order) == list(range(645)) for order in orders)
+    run = [samples[i].input_ids.shape[0] for order in orders for i in order]  # lengths in the run's order
+    spanning = {e * 645 // 8 for e in range(1, 4)}  # the micro-batches that hold an epoch boundary (645 is odd)
+    micro = [run[b:b + 8] for b in range(0, len(run) - 7, 8)]
+    assert all(m == sorted(m) for k, m in enumerate(micro) if k not in spanning)
 
 
 @need_shared(SHARED / "spoken-digits")

@@ -10,7 +10,7 @@
     formats.py      ms-swift / LLaMA-Factory (sharegpt, alpaca) / parquet / save_to_disk → the same samples
     normalize.py    English text normalisation for WER / CER
     data.py         JSONL manifests → samples with labels on assistant spans → batches; Whisper-row cache
-    augment.py      speed perturbation, noise, SpecAugment masks
+    augment.py      speed perturbation, noise, SpecAugment masks, masks over the cached encoder rows
     evaluate.py     greedy answers, exact match, WER; the dev scores of a run
     dist.py         torchrun: DDP, FSDP2
     cli.py          the command line (its training flags are TrainConfig's fields)

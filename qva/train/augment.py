@@ -1,14 +1,18 @@
 """Audio augmentation for training (off by default): speed perturbation and additive noise on the waveform
-(Ko et al., 2015), SpecAugment-style time and frequency masks on the log-mel (Park et al., 2019).
+(Ko et al., 2015), SpecAugment-style time and frequency masks on the log-mel (Park et al., 2019), and time
+masks on the encoder's rows.
 
-With any of it on, Whisper cannot be run once and cached: each step re-encodes its clips (frozen, without
-gradients). Every random draw comes from a generator seeded by (seed, step), so a resumed run draws the
-same augmentations as an uninterrupted one.
+With waveform or log-mel augmentation on, Whisper cannot be run once and cached: each step re-encodes its
+clips (frozen, without gradients; `reencodes`). Row masks act after the encoder, on each sample's kept, pooled
+rows `[n, d_audio]`, so the cache stays in use and they cost nothing: a span of up to `row_mask_width` rows
+is set to the sample's mean row, `row_masks` times. Every random draw comes from a generator seeded by (seed,
+step, micro-batch), so a resumed run draws the same augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,14 +32,23 @@ class AugmentConfig:
     time_mask_width: int = opt(40, "augment: each time mask up to this many mel frames (10 ms each)")
     freq_masks: int = opt(0, "augment: SpecAugment masks over mel bins per window")
     freq_mask_width: int = opt(15, "augment: each frequency mask up to this many bins")
+    row_masks: int = opt(0, "augment: time masks over each sample's encoder rows (after the cache: no re-encoding)")
+    row_mask_width: int = opt(2, "augment: each row mask up to this many rows (audio tokens)")
 
     def __post_init__(self):
         if self.noise_snr is not None and len(self.noise_snr) != 2:
             raise ValueError(f"--noise-snr takes LO,HI, got {self.noise_snr}")
+        if self.row_masks < 0 or self.row_mask_width < 1:
+            raise ValueError(f"--row-masks must be >= 0 and --row-mask-width >= 1, got {self.row_masks} and {self.row_mask_width}")
+
+    @property
+    def reencodes(self) -> bool:
+        """Whether each step must run the encoder again (the waveform or the log-mel changes)."""
+        return bool(self.speeds) or self.noise_snr is not None or self.time_masks > 0 or self.freq_masks > 0
 
     @property
     def on(self) -> bool:
-        return bool(self.speeds) or self.noise_snr is not None or self.time_masks > 0 or self.freq_masks > 0
+        return self.reencodes or self.row_masks > 0
 
     @property
     def on_waveform(self) -> bool:
@@ -88,9 +101,38 @@ def spec_augment(features: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig
     return out
 
 
+def row_masked(rows: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Encoder rows `[n, d_audio]` with `row_masks` spans of up to `row_mask_width` rows set to their mean row."""
+    out, n = rows.clone(), rows.shape[0]
+    if n == 0:
+        return out
+    fill = rows.mean(0)  # [d_audio]
+    for _ in range(cfg.row_masks):
+        width = min(int(torch.randint(cfg.row_mask_width + 1, (1,), generator=generator)), n)
+        start = int(torch.randint(n - width + 1, (1,), generator=generator))
+        out[start:start + width] = fill
+    return out
+
+
+def _generator(seed: int, step: int, micro: int, what: str) -> torch.Generator:
+    """The draws of one micro-batch of one step, for the re-encoding ("encode") or the row masks ("rows")."""
+    if what == "encode":
+        return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{what}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def augmented(model, batch: list[Sample], cfg: AugmentConfig, seed: int, step: int, micro: int) -> list[Sample]:
-    """The batch's samples with freshly augmented audio: waveform → log-mel → masks → frozen encoder rows."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+    """The batch's samples with freshly augmented audio: waveform → log-mel → masks → frozen encoder rows →
+    row masks. Samples without audio, or with nothing to change, are returned as they are."""
+    out = _reencoded(model, batch, cfg, _generator(seed, step, micro, "encode")) if cfg.reencodes else list(batch)
+    if cfg.row_masks:
+        g = _generator(seed, step, micro, "rows")
+        out = [replace(s, audio_rows=row_masked(s.audio_rows, cfg, g)) if s.audio_rows is not None else s for s in out]
+    return out
+
+
+def _reencoded(model, batch: list[Sample], cfg: AugmentConfig, g: torch.Generator) -> list[Sample]:
     out = []
     for s in batch:
         if not s.example.audio_sources:

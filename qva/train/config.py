@@ -112,8 +112,11 @@ class TrainConfig:
             raise TrainError(f"freeze takes {list(FREEZABLE)}, got {sorted(unknown)}")
         if self.dtype not in DTYPES or (self.whisper_dtype or self.dtype) not in DTYPES:
             raise TrainError(f"dtype must be one of {list(DTYPES)}")
-        if self.fsdp and self.augment.on:
+        if self.fsdp and self.augment.reencodes:
             raise TrainError("augmentation re-encodes audio with the encoder outside the sharded forward: not with --fsdp")
+        if self.stream and self.augment.row_masks:
+            raise TrainError("--row-masks masks the cached encoder rows; a streamed run's audio reaches the model as log-mel "
+                             "(no rows to mask): use --time-masks")
         if self.resume and self.overwrite:
             raise TrainError("--resume continues the run in --out, --overwrite starts it again: give one of them")
         unknown = set(self.allow_changes) - {f.name for f in fields(self)} | (set(self.allow_changes) & set(FIXED))

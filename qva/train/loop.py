@@ -189,12 +189,12 @@ def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample] | S
     cache = None if cfg.rows_cache == "none" else Path(cfg.rows_cache) if cfg.rows_cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
         if d.main:  # rank 0 fills the cache; the others then read it
-            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.on or cfg.stream else samples), cache, log=log)
+            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.reencodes or cfg.stream else samples), cache, log=log)
             if encoded:
                 log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
         D.barrier(d)
         if not d.main:
-            fill_audio_rows(model, every_dev + ([] if cfg.augment.on or cfg.stream else samples), cache, log=log)
+            fill_audio_rows(model, every_dev + ([] if cfg.augment.reencodes or cfg.stream else samples), cache, log=log)
     return samples, dev
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qva.processor import Processor
-from qva.train.augment import AugmentConfig, add_noise, spec_augment, speed_perturb
+from qva.train.augment import AugmentConfig, add_noise, row_masked, spec_augment, speed_perturb
 from qva.train.data import (
     DataError,
     check_max_seq_len,
@@ -329,6 +329,24 @@ def test_augmentation():
     changed = (masked != feats).any(1)  # [W, T]
     assert 0 < int(changed[0].sum()) <= 500 and not torch.equal(masked, feats)
     assert not AugmentConfig().on and cfg.on and not cfg.on_waveform
+
+
+def test_row_masks_set_short_spans_of_the_cached_rows_to_their_mean():
+    rows = torch.randn(30, 8)
+    cfg = AugmentConfig(row_masks=3, row_mask_width=2)
+    assert cfg.on and not cfg.reencodes  # the cache stays in use
+    spans = 0
+    for seed in range(50):
+        masked = row_masked(rows, cfg, torch.Generator().manual_seed(seed))
+        hit = (masked != rows).any(1)  # [n]
+        assert int(hit.sum()) <= 6 and torch.allclose(masked[hit], rows.mean(0).expand(int(hit.sum()), 8))
+        spans += int(hit.sum())
+    assert spans > 50  # widths 0..2 drawn: about 3 rows a draw
+    again = row_masked(rows, cfg, torch.Generator().manual_seed(7))
+    assert torch.equal(again, row_masked(rows, cfg, torch.Generator().manual_seed(7))) and torch.equal(rows, rows.clone())
+    assert row_masked(rows[:1], AugmentConfig(row_masks=2, row_mask_width=5), torch.Generator()).shape == (1, 8)
+    with pytest.raises(ValueError, match="row-mask-width"):
+        AugmentConfig(row_masks=1, row_mask_width=0)
 
 
 def test_scoring():

@@ -415,3 +415,22 @@ def test_augmented_training_runs_and_is_seeded(train_dirs, tmp_path):
     assert la != lp  # and they change what the model hears
     with pytest.raises(TrainError, match="not with --fsdp"):
         train(replace(a, fsdp=True), quiet=True)
+
+
+def test_row_masks_train_from_the_cached_rows_and_are_seeded(train_dirs, tmp_path, monkeypatch):
+    from qva.model import QVAModel
+    from qva.train.augment import AugmentConfig
+
+    rows = AugmentConfig(row_masks=2, row_mask_width=3)
+    a = config(train_dirs, tmp_path, "1", steps=2, augment=rows, out=str(tmp_path / "a"), rows_cache=str(tmp_path / "cache"))
+    plain = replace(a, augment=AugmentConfig(), out=str(tmp_path / "plain"))
+    lp = train(plain, quiet=True)["loss"]  # fills the cache
+    encoded = []
+    encoder_rows = QVAModel.audio_encoder_rows
+    monkeypatch.setattr(QVAModel, "audio_encoder_rows", lambda self, *a, **k: encoded.append(1) or encoder_rows(self, *a, **k))
+    la = train(a, quiet=True)["loss"]
+    lb = train(replace(a, out=str(tmp_path / "b")), quiet=True)["loss"]
+    assert not encoded  # every clip's rows came from the cache: masks cost no encoder pass
+    assert math.isfinite(la) and la == lb and la != lp
+    with pytest.raises(TrainError, match="--row-masks masks the cached encoder rows"):
+        replace(a, stream=True).check()

@@ -89,15 +89,9 @@ def spec_augment(features: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig
             continue
         fill = out[w, :, :n].mean()
         for _ in range(cfg.time_masks):
-            width = int(torch.randint(cfg.time_mask_width + 1, (1,), generator=generator))
-            width = min(width, n)
-            start = int(torch.randint(n - width + 1, (1,), generator=generator))
-            out[w, :, start:start + width] = fill
+            out[w, :, _span(n, cfg.time_mask_width, generator)] = fill
         for _ in range(cfg.freq_masks):
-            bins = out.shape[1]
-            width = min(int(torch.randint(cfg.freq_mask_width + 1, (1,), generator=generator)), bins)
-            start = int(torch.randint(bins - width + 1, (1,), generator=generator))
-            out[w, start:start + width, :n] = fill
+            out[w, _span(out.shape[1], cfg.freq_mask_width, generator), :n] = fill
     return out
 
 
@@ -108,10 +102,15 @@ def row_masked(rows: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         return out
     fill = rows.mean(0)  # [d_audio]
     for _ in range(cfg.row_masks):
-        width = min(int(torch.randint(cfg.row_mask_width + 1, (1,), generator=generator)), n)
-        start = int(torch.randint(n - width + 1, (1,), generator=generator))
-        out[start:start + width] = fill
+        out[_span(n, cfg.row_mask_width, generator)] = fill
     return out
+
+
+def _span(n: int, max_width: int, generator: torch.Generator) -> slice:
+    """A random span of 0..`max_width` positions (at most `n`) within `n`: the width is drawn first, then the start."""
+    width = min(int(torch.randint(max_width + 1, (1,), generator=generator)), n)
+    start = int(torch.randint(n - width + 1, (1,), generator=generator))
+    return slice(start, start + width)
 
 
 def _generator(seed: int, step: int, micro: int, what: str) -> torch.Generator:

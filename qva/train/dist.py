@@ -1,6 +1,7 @@
 """Training on several processes (`torchrun --nproc-per-node N -m qva.train ...`): the few things that differ.
 
 - `setup()` joins the process group `torchrun` describes (gloo on CPU, nccl on GPU); one process: nothing.
+  `teardown()` leaves the group `setup()` made (a group left to interpreter exit can abort a rank, exit -6).
 - Each rank takes its slice of every step's global batch; the labelled-token count is summed over ranks,
   so the loss is normalised by the global count and the gradient equals one process's on the same batch.
 - Data parallel: after each step's backward `sync_grads` sums the gradients in one flat all-reduce (a rank
@@ -24,6 +25,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() made the process group, so teardown() destroys it
 
     @property
     def main(self) -> bool:
@@ -41,9 +43,16 @@ def setup(device: str = "cpu") -> Dist:
         dev = torch.device(device)
     if world == 1:
         return Dist(0, 1, dev)
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, made)
+
+
+def teardown(d: Dist) -> None:
+    """Destroy the process group `setup()` made (one made by the caller is the caller's)."""
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_sum(value: float, d: Dist) -> float:

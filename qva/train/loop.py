@@ -63,6 +63,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     finally:
         if owned is not None:
             owned.release()
+        D.teardown(d)
 
 
 def _train(cfg: TrainConfig, d: D.Dist, run: Path, log: "Log", stop: StopFlag, owned) -> dict:

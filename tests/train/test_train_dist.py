@@ -114,3 +114,21 @@ def test_mixed_modalities_split_unevenly_over_ranks(train_dirs, tmp_path, mode):
     assert set(a) == set(b) and max(max_rel_err(a[n], b[n]) for n in a) <= 1e-6
     for x, y in zip(losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True):
         assert abs(x - y) <= 1e-6 * abs(x)
+
+
+def test_teardown_destroys_only_the_group_setup_made():
+    """A group left to interpreter exit can abort a rank after its last step (exit -6); `train` leaves the
+    group `setup` made and keeps one its caller made."""
+    import torch.distributed as dist
+
+    from qva.train import dist as D
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        D.teardown(D.Dist(0, 2, owns_group=False))  # the caller's group: kept
+        assert dist.is_initialized()
+        D.teardown(D.Dist(0, 2, owns_group=True))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

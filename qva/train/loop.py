@@ -189,13 +189,15 @@ def load_data(cfg: TrainConfig, model, d: D.Dist, log) -> tuple[list[Sample] | S
     every_dev = [s for part in dev.values() for s in part]
     cache = None if cfg.rows_cache == "none" else Path(cfg.rows_cache) if cfg.rows_cache else cache_dir() / "whisper-rows"
     if model.audio_encoder is not None:
+        # training clips are re-encoded each step when augmentation changes their audio, and a stream encodes its own
+        to_encode = every_dev + ([] if cfg.augment.reencodes or cfg.stream else samples)
         if d.main:  # rank 0 fills the cache; the others then read it
-            encoded = fill_audio_rows(model, every_dev + ([] if cfg.augment.reencodes or cfg.stream else samples), cache, log=log)
+            encoded = fill_audio_rows(model, to_encode, cache, log=log)
             if encoded:
                 log(f"whisper: encoded {encoded} clip(s)" + (f", cached in {cache}" if cache else ""))
         D.barrier(d)
         if not d.main:
-            fill_audio_rows(model, every_dev + ([] if cfg.augment.reencodes or cfg.stream else samples), cache, log=log)
+            fill_audio_rows(model, to_encode, cache, log=log)
     return samples, dev
 
 

@@ -59,14 +59,26 @@ def nibble_product(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, grou
     return torch.stack(ys).to(x.dtype)
 
 
-class Layer(torch.nn.Module):
-    """The seven products of one decoder layer, chained (attention's mixing and the norms left out)."""
+def chain(product, x: torch.Tensor) -> torch.Tensor:
+    """The seven products of one decoder layer, chained (attention's mixing and the norms left out); `product(name, x)`
+    is one of them."""
+    q, k, v = (product(n, x) for n in ("q", "k", "v"))
+    h = x + product("o", q) + 1e-3 * (k.sum() + v.sum())
+    return h + product("down", torch.nn.functional.silu(product("gate", h)) * product("up", h))
 
-    def __init__(self, group: int, nibbles: bool = False):
+
+def quantized_weights(group: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Random bf16 weights of SHAPES, int4-quantized once: name → `int4_quantize`'s buffers."""
+    return {name: int4_quantize(torch.randn(out_f, in_f, dtype=torch.bfloat16), group) for name, (out_f, in_f) in SHAPES.items()}
+
+
+class Layer(torch.nn.Module):
+    """`chain` over int4 weights (shared, not copied), by aten's kernel or by `nibble_product`."""
+
+    def __init__(self, weights: dict[str, dict[str, torch.Tensor]], group: int, nibbles: bool = False):
         super().__init__()
         self.group, self.nibbles = group, nibbles
-        for name, (out_f, in_f) in SHAPES.items():
-            q = int4_quantize(torch.randn(out_f, in_f, dtype=torch.bfloat16), group)
+        for name, q in weights.items():
             self.register_buffer(f"{name}_w", q["weight_int4"])
             self.register_buffer(f"{name}_sz", q["weight_scales_zeros"])
 
@@ -77,18 +89,13 @@ class Layer(torch.nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, self.group, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self.product(n, x) for n in ("q", "k", "v"))
-        h = x + self.product("o", q) + 1e-3 * (k.sum() + v.sum())
-        return h + self.product("down", torch.nn.functional.silu(self.product("gate", h)) * self.product("up", h))
+        return chain(self.product, x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same chain over the dequantized weights in fp32."""
-        def p(name, t):
+        def product(name, t):
             return t @ int4_dequantize(getattr(self, f"{name}_w"), getattr(self, f"{name}_sz"), torch.float32).T
-        x = x.float()
-        q, k, v = (p(n, x) for n in ("q", "k", "v"))
-        h = x + p("o", q) + 1e-3 * (k.sum() + v.sum())
-        return h + p("down", torch.nn.functional.silu(p("gate", h)) * p("up", h))
+        return chain(product, x.float())
 
 
 def main() -> None:
@@ -99,9 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     print(cpu_header(), flush=True)
     torch.manual_seed(0)
-    layer = Layer(args.group).eval()
-    nibbles = Layer(args.group, nibbles=True).eval()
-    nibbles.load_state_dict(layer.state_dict())
+    weights = quantized_weights(args.group)
+    layer = Layer(weights, args.group).eval()
     x = torch.randn(1, 1536, dtype=torch.bfloat16)
     gb = sum(b.numel() * b.element_size() for b in layer.buffers()) / 1e9
     with torch.no_grad():
@@ -109,11 +115,9 @@ def main() -> None:
         routes = {"eager": layer, "compiled": torch.compile(layer, dynamic=False)}
         routes["compiled"](x)  # compiled now: the flags below apply to the next compile only
         with inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"):
-            autotuned = Layer(args.group).eval()
-            autotuned.load_state_dict(layer.state_dict())
-            routes["autotuned"] = torch.compile(autotuned, dynamic=False)
+            routes["autotuned"] = torch.compile(Layer(weights, args.group).eval(), dynamic=False)
             routes["autotuned"](x)
-        routes["nibbles"] = torch.compile(nibbles, dynamic=False)
+        routes["nibbles"] = torch.compile(Layer(weights, args.group, nibbles=True).eval(), dynamic=False)
         for name, fn in routes.items():
             err = ((fn(x).float() - ref).abs().max() / ref.abs().max()).item()
             print(f"{name}: max error {err:.1e} of the fp32 product's max", flush=True)

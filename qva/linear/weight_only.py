@@ -110,12 +110,44 @@ def check_int4_shape(in_features: int, out_features: int, group: int) -> None:
                          f"{INT4_ROW_BLOCK}; got a weight [{out_features}, {in_features}]")
 
 
+DEQUANTIZE_CHUNK_BYTES = 4 * 2**20  # eager dequantizing works on this many bytes of fp32 rows at a time (in cache)
+
+
 def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`weight_int4`, `weight_scales_zeros` → the weight `[out, in]` in `dtype` (into `out` if given)."""
-    q = rearrange(int4_unpack(packed), "o (n g) -> o n g", n=sz.shape[0]).to(dtype)  # [out, groups, g]
-    scale, zero = (rearrange(sz[..., i], "n o -> o n 1").to(dtype) for i in (0, 1))
-    w = rearrange((q - 8) * scale + zero, "o n g -> o (n g)")
-    return w if out is None else out.copy_(w)
+    """`weight_int4`, `weight_scales_zeros` → the weight `[out, in]` in `dtype`, each value (q − 8) · scale + zero in
+    fp32, then rounded to `dtype`. Into `out` (eager, no autograd: prompts, the `dequant` kernel) it runs in blocks
+    of rows small enough to stay in cache, through small kept buffers, each step a plain vectorized op (README:
+    "int4 prompts"); without, the same sums as one functional expression (a graph's, which inductor fuses)."""
+    in_f, n = packed.shape[1] * 2, sz.shape[0]
+    scale, zero = (rearrange(sz[..., i], "n o -> o n 1").float() for i in (0, 1))  # [out, groups, 1]
+    # bytes `[out, in/2]` → `[NB, in, 32]`: block nb's byte (k, r) holds row r's nibble k (low) and row r + 32's (high)
+    t = rearrange(packed, "(nb rows) kh -> nb (rows kh)", rows=INT4_ROW_BLOCK)
+    t = rearrange(t, "nb (k r) -> nb k r", r=INT4_ROW_BLOCK // 2)
+    # each nibble's bit 3 flipped: read as a signed (two's-complement) nibble, it is q − 8
+    if out is None:
+        t = (t ^ 0x88).view(torch.int8)
+        q = rearrange(torch.stack([(t << 4) >> 4, t >> 4], dim=1), "nb h k r -> (nb h r) k")  # q − 8, int8 [out, in]
+        # [out, groups, g] in `dtype` (no fp32 copy of the weight): a bf16 addcmul computes in fp32, rounds once
+        w = torch.addcmul(zero.to(dtype), rearrange(q, "o (n g) -> o n g", n=n).to(dtype), scale.to(dtype))
+        return rearrange(w, "o n g -> o (n g)")
+    blocks = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * in_f * INT4_ROW_BLOCK))  # 64-row blocks a chunk
+    rows = blocks * INT4_ROW_BLOCK
+    flipped = scratch((blocks, INT4_ROW_BLOCK // 2, in_f), torch.uint8, packed.device, "nibbles")  # [nb, 32, in]
+    q = scratch((rows, in_f), torch.int8, packed.device, "nibbles")
+    f32 = out if out.dtype == torch.float32 else scratch((rows, in_f), torch.float32, packed.device, "nibbles")
+    for b0 in range(0, t.shape[0], blocks):
+        nb = min(blocks, t.shape[0] - b0)
+        r0, r1 = b0 * INT4_ROW_BLOCK, (b0 + nb) * INT4_ROW_BLOCK
+        tb = torch.bitwise_xor(rearrange(t[b0:b0 + nb], "nb k r -> nb r k"), 0x88, out=flipped[:nb]).view(torch.int8)
+        halves = rearrange(q[: r1 - r0], "(nb h r) k -> nb h r k", h=2, r=INT4_ROW_BLOCK // 2)  # views of q's rows
+        torch.bitwise_left_shift(tb, 4, out=halves[:, 0]).bitwise_right_shift_(4)  # low nibbles, sign-extended
+        torch.bitwise_right_shift(tb, 4, out=halves[:, 1])  # high nibbles: an arithmetic shift extends the sign
+        w = f32[r0:r1] if f32 is out else f32[: r1 - r0]  # fp32 rows r0..r1: out's own, or the chunk buffer
+        wg = rearrange(w.copy_(q[: r1 - r0]), "o (n g) -> o n g", n=n)  # a view of w
+        wg.mul_(scale[r0:r1]).add_(zero[r0:r1])
+        if f32 is not out:
+            out[r0:r1].copy_(w)
+    return out
 
 
 class Int8Linear(FrozenQuantizedLinear):

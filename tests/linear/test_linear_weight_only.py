@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from qva import linear as L
 from qva.linear import (
@@ -23,6 +24,22 @@ def test_int4_layout_is_the_cpu_kernels_and_round_trips():
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         assert not L.int4_kernel_reads_stored_layout()
     assert torch.equal(L.int4_unpack(packed).int(), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_rounds_once_in_blocks_and_as_one_expression(dtype, monkeypatch):
+    """Both forms of `int4_dequantize` (into a kept buffer, in blocks of rows; functional) give (q − 8) · scale + zero
+    computed in fp32 from `int4_unpack`'s values and rounded once to `dtype`, bit for bit."""
+    torch.manual_seed(0)
+    q4 = L.Int4Linear.from_linear(Linear(256, 320).to(torch.bfloat16))
+    packed, sz = q4.weight_int4, q4.weight_scales_zeros
+    groups = rearrange(L.int4_unpack(packed).float(), "o (n g) -> o n g", n=sz.shape[0])
+    scale, zero = (rearrange(sz[..., i].float(), "n o -> o n 1") for i in (0, 1))
+    want = rearrange((groups - 8) * scale + zero, "o n g -> o (n g)").to(dtype)
+    monkeypatch.setattr(L.weight_only, "DEQUANTIZE_CHUNK_BYTES", 4 * 2 * 64 * 256)  # 2 blocks a chunk: 3 chunks, the last short
+    out = torch.full((320, 256), float("nan"), dtype=dtype)
+    assert L.int4_dequantize(packed, sz, dtype, out) is out and torch.equal(out, want)
+    assert torch.equal(L.int4_dequantize(packed, sz, dtype), want)
 
 
 @pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("int4", 0.12)])

@@ -120,16 +120,13 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, 
     "int4 prompts"); without, the same sums as one functional expression (a graph's, which inductor fuses)."""
     in_f, n = packed.shape[1] * 2, sz.shape[0]
     scale, zero = (rearrange(sz[..., i], "n o -> o n 1").float() for i in (0, 1))  # [out, groups, 1]
+    if out is None:
+        q = rearrange(int4_unpack(packed), "o (n g) -> o n g", n=n).to(dtype) - 8  # exact: integers in [−8, 7]
+        # [out, groups, g] in `dtype` (no fp32 copy of the weight): a bf16 addcmul computes in fp32, rounds once
+        return rearrange(torch.addcmul(zero.to(dtype), q, scale.to(dtype)), "o n g -> o (n g)")
     # bytes `[out, in/2]` → `[NB, in, 32]`: block nb's byte (k, r) holds row r's nibble k (low) and row r + 32's (high)
     t = rearrange(packed, "(nb rows) kh -> nb (rows kh)", rows=INT4_ROW_BLOCK)
     t = rearrange(t, "nb (k r) -> nb k r", r=INT4_ROW_BLOCK // 2)
-    # each nibble's bit 3 flipped: read as a signed (two's-complement) nibble, it is q − 8
-    if out is None:
-        t = (t ^ 0x88).view(torch.int8)
-        q = rearrange(torch.stack([(t << 4) >> 4, t >> 4], dim=1), "nb h k r -> (nb h r) k")  # q − 8, int8 [out, in]
-        # [out, groups, g] in `dtype` (no fp32 copy of the weight): a bf16 addcmul computes in fp32, rounds once
-        w = torch.addcmul(zero.to(dtype), rearrange(q, "o (n g) -> o n g", n=n).to(dtype), scale.to(dtype))
-        return rearrange(w, "o n g -> o (n g)")
     blocks = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * in_f * INT4_ROW_BLOCK))  # 64-row blocks a chunk
     rows = blocks * INT4_ROW_BLOCK
     flipped = scratch((blocks, INT4_ROW_BLOCK // 2, in_f), torch.uint8, packed.device, "nibbles")  # [nb, 32, in]
@@ -138,6 +135,7 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype, 
     for b0 in range(0, t.shape[0], blocks):
         nb = min(blocks, t.shape[0] - b0)
         r0, r1 = b0 * INT4_ROW_BLOCK, (b0 + nb) * INT4_ROW_BLOCK
+        # each nibble's bit 3 flipped: read as a signed (two's-complement) nibble, it is q − 8
         tb = torch.bitwise_xor(rearrange(t[b0:b0 + nb], "nb k r -> nb r k"), 0x88, out=flipped[:nb]).view(torch.int8)
         halves = rearrange(q[: r1 - r0], "(nb h r) k -> nb h r k", h=2, r=INT4_ROW_BLOCK // 2)  # views of q's rows
         torch.bitwise_left_shift(tb, 4, out=halves[:, 0]).bitwise_right_shift_(4)  # low nibbles, sign-extended

@@ -15,7 +15,7 @@ The model files (`qwen2.py`, `vision.py`, `whisper_encoder.py`) use `Linear` / `
 like the papers; which layers get quantized, and when, is `qva/quantize.py`'s.
 """
 
-from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, scratch
+from .buffers import SCRATCH_MAX_BYTES, cast_weight, clear_scratch, kernel_copy, scratch
 from .decode import LANES, MAX_ROWS, MIN_IN_FEATURES, few_rows_product, gemv, gemv_eligible, linear_without_onednn, measure_gemv, use_gemv
 from .dense import Conv1d, LayerNorm, Linear, StoredWeightProduct, matmul, swap_linears
 from .dtype_policy import HALF, POLICIES, cpu_has_fast_half_matmul, large_matmul_dtype, policy, set_policy
@@ -31,7 +31,9 @@ from .weight_only import (
     Int8Linear,
     check_int4_shape,
     int4_dequantize,
+    int4_kernel_available,
     int4_kernel_reads_stored_layout,
+    int4_kernel_weight,
     int4_pack,
     int4_quantize,
     int4_unpack,

@@ -28,9 +28,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .buffers import cast_weight
+from .buffers import cast_weight, kernel_copy
 from .weight_only import Int8Linear, quantized_forward
 
 
@@ -59,18 +58,10 @@ def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight_int8 → (stamp, fbgemm's packed copy): dies with it
-
-
 def packed_weight(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
     """fbgemm's packed copy of `weight_int8` `[out, in]`, kept while the tensor lives; made again if either buffer
     was replaced or written since."""
-    stamp = tuple((t.data_ptr(), t._version) for t in (weight_int8, weight_scale))
-    held = _packed.get(weight_int8)
-    if held is None or held[0] != stamp:
-        held = (stamp, fbgemm_pack(weight_int8, weight_scale.float()))
-        _packed[weight_int8] = held
-    return held[1]
+    return kernel_copy(weight_int8, (weight_int8, weight_scale), "fbgemm", lambda: fbgemm_pack(weight_int8, weight_scale.float()))
 
 
 def fbgemm_row_eager(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, levels: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .buffers import cast_weight, dequantize_out, scratch
+from .buffers import cast_weight, dequantize_out, kernel_copy, scratch
 from .frozen import FrozenQuantizedLinear
 from .lora import with_lora
 from .measure import fastest, known_choice, rows_bucket
@@ -25,9 +25,12 @@ from .measure import fastest, known_choice, rows_bucket
 #         `weight_scale` `[out]` in the weight's dtype); the kernel is aten's `_weight_int8pack_mm`.
 #   int4: asymmetric in groups of g (32/64/128) along `in`, w ≈ (q − 8) · scale + zero, q ∈ [0, 15]
 #         (`weight_scales_zeros` `[in/g, out, 2]` bf16), stored two a byte in the order of PyTorch's CPU
-#         int4 kernel (`_weight_int4pack_mm_for_cpu`), which therefore runs on the buffer as loaded: rows
-#         in blocks of 64, each block `k`-major, rows r and r + 32 of a block sharing a byte (r's in the low
-#         nibble). 4 + 32/g bits a weight: 4.5 at g = 64.
+#         int4 kernel (`_weight_int4pack_mm_for_cpu`) where it dispatches to AVX-512, which therefore runs on
+#         the buffer as loaded: rows in blocks of 64, each block `k`-major, rows r and r + 32 of a block sharing
+#         a byte (r's in the low nibble). 4 + 32/g bits a weight: 4.5 at g = 64. A file's order never depends
+#         on the machine: where the kernel reads another (AVX2 only: 32-row blocks, r with r + 16) it reads a
+#         copy in its own order, made by PyTorch's converter on first use (`int4_kernel_weight`), so the
+#         weights are then held twice (1 + 32/g bits a weight in memory; still 4 + 32/g read per product).
 # Each product runs one of two kernels, whichever `fastest` measured to be faster for that weight shape,
 # row count and dtype on this machine: the aten kernel, or dequantizing into a scratch buffer then
 # `F.linear` (the same formulation inductor fuses under `torch.compile`).
@@ -94,12 +97,41 @@ def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
 def int4_kernel_reads_stored_layout() -> bool:
     """Whether this machine's PyTorch CPU int4 kernel reads the stored order (`int4_pack`). Its order depends on
     the kernel PyTorch dispatches to (64-row blocks with AVX-512, 32-row blocks with AVX2 only); where it differs
-    the kernel is not offered and int4 products dequantize (a file's layout never depends on the machine)."""
+    the kernel reads a copy in its own order (`int4_kernel_weight`)."""
+    probe = torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
+    return int4_kernel_available() and torch.equal(int4_pack(probe), torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1))
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether this PyTorch build has the CPU int4 kernel and its weight converter (probed on a tiny weight)."""
     probe = torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
     try:
-        return torch.equal(int4_pack(probe), torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1))
-    except (RuntimeError, AttributeError):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        sz = torch.ones(64 // 32, INT4_ROW_BLOCK, 2, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 64, dtype=torch.bfloat16), packed, 32, sz)
+    except (RuntimeError, AttributeError, NotImplementedError):
         return False
+    return True
+
+
+def int4_kernel_weight(weight_int4: torch.Tensor) -> torch.Tensor:
+    """`weight_int4` `[out, in/2]` in the order PyTorch's CPU int4 kernel reads on this machine: the buffer itself
+    where that is the stored order, else its copy in the kernel's order (PyTorch's own converter, `QUANTIZE_ROWS`
+    rows at a time: the converter's order is whole blocks of rows, and it takes the values as int32), kept while
+    the buffer lives and made again if it is written."""
+    if int4_kernel_reads_stored_layout():
+        return weight_int4
+
+    def convert():
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode alike
+            out = torch.empty_like(weight_int4)
+        for r in range(0, weight_int4.shape[0], QUANTIZE_ROWS):  # a multiple of both orders' row blocks
+            values = int4_unpack(weight_int4[r:r + QUANTIZE_ROWS]).to(torch.int32)  # [rows, in]
+            out[r:r + QUANTIZE_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1).view(torch.uint8)
+        return out
+
+    return kernel_copy(weight_int4, (weight_int4,), "int4 kernel order", convert)
 
 
 def check_int4_shape(in_features: int, out_features: int, group: int) -> None:
@@ -190,7 +222,7 @@ class Int4Linear(FrozenQuantizedLinear):
         groups = in_features // group_size
         self.register_buffer("weight_scales_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.kernel_reads_layout = int4_kernel_reads_stored_layout()  # probed once a process: a compiled step reads a bool
+        self.kernel_available = int4_kernel_available()  # probed once a process: a compiled step reads a bool
 
     OPTIONS = ("group_size",)
 
@@ -203,7 +235,7 @@ class Int4Linear(FrozenQuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         candidates = {}
-        if x.device.type == "cpu" and self.kernel_reads_layout:
+        if x.device.type == "cpu" and self.kernel_available:
             sz = self.weight_scales_zeros.to(x.dtype)
 
             product = int4_rows if torch.compiler.is_compiling() else int4_rows_eager
@@ -226,8 +258,8 @@ class Int4Linear(FrozenQuantizedLinear):
 
 
 def int4_rows_eager(x2: torch.Tensor, weight_int4: torch.Tensor, group_size: int, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """`x2` `[N, in]` → `[N, out]`: PyTorch's CPU int4 kernel over the stored layout (`int4_kernel_reads_stored_layout`)."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4, group_size, scales_zeros)
+    """`x2` `[N, in]` → `[N, out]`: PyTorch's CPU int4 kernel over the weight in its order (`int4_kernel_weight`)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, int4_kernel_weight(weight_int4), group_size, scales_zeros)
 
 
 @torch.library.custom_op("qva::int4_rows", mutates_args=())

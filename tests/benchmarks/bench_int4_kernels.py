@@ -33,7 +33,7 @@ from einops import rearrange
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import cpu_header  # noqa: E402
 
-from qva.linear.weight_only import INT4_ROW_BLOCK, int4_dequantize, int4_quantize  # noqa: E402
+from qva.linear.weight_only import INT4_ROW_BLOCK, int4_dequantize, int4_kernel_weight, int4_quantize  # noqa: E402
 
 SHAPES = dict(q=(1536, 1536), k=(256, 1536), v=(256, 1536), o=(1536, 1536), gate=(8960, 1536), up=(8960, 1536),
               down=(1536, 8960))  # name: (out, in)
@@ -80,13 +80,14 @@ class Layer(torch.nn.Module):
         self.group, self.nibbles = group, nibbles
         for name, q in weights.items():
             self.register_buffer(f"{name}_w", q["weight_int4"])
+            self.register_buffer(f"{name}_k", int4_kernel_weight(q["weight_int4"]))  # the aten kernel's order here
             self.register_buffer(f"{name}_sz", q["weight_scales_zeros"])
 
     def product(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w, sz = getattr(self, f"{name}_w"), getattr(self, f"{name}_sz")
         if self.nibbles:
             return nibble_product(x, w, sz, self.group)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, self.group, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, getattr(self, f"{name}_k"), self.group, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return chain(self.product, x)

@@ -19,7 +19,7 @@ def test_int4_layout_is_the_cpu_kernels_and_round_trips():
     packed = L.int4_pack(q)
     assert packed.shape == (192, 128) and packed.dtype == torch.uint8
     # the CPU kernel's own order is ours where it dispatches to AVX-512 (64-row blocks); elsewhere (AVX2 only:
-    # 32-row blocks) qva detects that and does not offer that kernel
+    # 32-row blocks) qva detects that and the kernel reads a copy in its order
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)) == L.int4_kernel_reads_stored_layout()
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         assert not L.int4_kernel_reads_stored_layout()
@@ -74,6 +74,39 @@ def test_both_kernels_equal_the_dequantized_product(fmt, dtype, kernel_cache, mo
         assert outs[kernel].dtype == dtype and outs[kernel].shape == (3, 5, 128)
         rel = ((outs[kernel].float() - want).norm() / want.norm()).item()
         assert rel <= (1e-5 if dtype == torch.float32 else 1e-2), (kernel, rel)
+
+
+@pytest.mark.parametrize("stored_is_kernels", [True, False])
+def test_int4_kernel_reads_its_own_order_on_every_cpu(stored_is_kernels, kernel_cache, monkeypatch):
+    """The aten int4 kernel is offered on every CPU with the kernel: where it reads another order than the stored
+    one (AVX2 only), through a copy in its order (`int4_kernel_weight`), here also forced on a CPU whose order is
+    the stored one. The product equals the dequantized weight's; the copy is kept, and made again once the
+    buffer is written; the stored buffer (what a file holds) is untouched."""
+    from qva.linear import weight_only
+
+    if not L.int4_kernel_available():
+        pytest.skip("this PyTorch build has no CPU int4 kernel")
+    if not stored_is_kernels:
+        monkeypatch.setattr(weight_only, "int4_kernel_reads_stored_layout", lambda: False)
+    elif not L.int4_kernel_reads_stored_layout():
+        pytest.skip("this CPU's int4 kernel reads another order than the stored one (the other case)")
+    torch.manual_seed(0)
+    q = L.Int4Linear.from_linear(Linear(256, 320, bias=False).to(torch.bfloat16), group_size=32)  # 2.5 row blocks of 128
+    stored = q.weight_int4.clone()
+    monkeypatch.setenv(L.KERNEL_OVERRIDE, "aten")
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    for _ in range(2):  # the second pass: after a write to the stored buffer
+        want = F.linear(x.float(), q.dequantized())
+        with torch.no_grad():
+            got = q(x).float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+        kernel_weight = weight_only.int4_kernel_weight(q.weight_int4)
+        assert kernel_weight is weight_only.int4_kernel_weight(q.weight_int4)  # kept, not made a product
+        assert (kernel_weight is q.weight_int4) == stored_is_kernels
+        assert torch.equal(q.weight_int4, stored)
+        q.weight_int4[5:70] ^= 0x5A  # values change in place: the copy must follow
+        stored = q.weight_int4.clone()
+    assert weight_only.int4_kernel_weight(q.weight_int4) is not kernel_weight or stored_is_kernels
 
 
 def test_int4_refuses_shapes_it_cannot_pack():

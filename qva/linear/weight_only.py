@@ -98,21 +98,25 @@ def int4_kernel_reads_stored_layout() -> bool:
     """Whether this machine's PyTorch CPU int4 kernel reads the stored order (`int4_pack`). Its order depends on
     the kernel PyTorch dispatches to (64-row blocks with AVX-512, 32-row blocks with AVX2 only); where it differs
     the kernel reads a copy in its own order (`int4_kernel_weight`)."""
-    probe = torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
+    probe = int4_probe()
     return int4_kernel_available() and torch.equal(int4_pack(probe), torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1))
 
 
 @functools.cache
 def int4_kernel_available() -> bool:
     """Whether this PyTorch build has the CPU int4 kernel and its weight converter (probed on a tiny weight)."""
-    probe = torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4_probe(), 1)
         sz = torch.ones(64 // 32, INT4_ROW_BLOCK, 2, dtype=torch.bfloat16)
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 64, dtype=torch.bfloat16), packed, 32, sz)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return True
+
+
+def int4_probe() -> torch.Tensor:
+    """The values 0..15 of one row block, `[INT4_ROW_BLOCK, 64]` int32: the tiny weight the probes above convert."""
+    return torch.arange(INT4_ROW_BLOCK * 64, dtype=torch.int32).reshape(INT4_ROW_BLOCK, 64) % 16
 
 
 def int4_kernel_weight(weight_int4: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def test_int4_kernel_reads_its_own_order_on_every_cpu(stored_is_kernels, kernel_
             got = q(x).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2
         kernel_weight = weight_only.int4_kernel_weight(q.weight_int4)
-        assert kernel_weight is weight_only.int4_kernel_weight(q.weight_int4)  # kept, not made a product
+        assert kernel_weight is weight_only.int4_kernel_weight(q.weight_int4)  # kept: not made again each product
         assert (kernel_weight is q.weight_int4) == stored_is_kernels
         assert torch.equal(q.weight_int4, stored)
         q.weight_int4[5:70] ^= 0x5A  # values change in place: the copy must follow

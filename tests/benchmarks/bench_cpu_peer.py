@@ -20,8 +20,9 @@ Q4_0, each qva format also with its vocabulary head quantized
 
 and the bytes each format reads per decoded token (decoder layers, final norm and the head as each side holds
 them; the embedding gather reads one row) over the memory bandwidth measured here (a 1 GiB fp32 reduction): each
-format's share of its own roofline; and the bytes/s of qva's one-row products (a gate_proj and the head) per
-variant. Both sides use `--threads` threads. The header names the CPU and its flags.
+format's share of its own roofline; and the bytes/s of qva's one-row products per variant (a gate_proj and the
+head, each timed alone and so possibly cache-resident; and all of a token's products in decode order, every weight
+cold). Both sides use `--threads` threads. The header names the CPU and its flags.
 """
 
 from __future__ import annotations
@@ -137,16 +138,39 @@ def qva_accuracy(models: dict, prompt: torch.Tensor, new_tokens: int = 32) -> di
     return out
 
 
+def held_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+
+def token_products_rate(m, repeats: int = 5) -> float:
+    """The bytes/s of every one-row product a decoded token makes, in its order (each layer's q, k, v, o, gate,
+    up, down, then the head), median of `repeats` passes: each weight is cold when it is read again, as in decode
+    (a single weight timed over and over may sit in the last-level cache: gate_proj in int8 is 13.8 MB)."""
+    linears = [p for layer in m.model.layers for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [m.lm_head]
+    rows = {p.in_features: torch.randn(1, 1, p.in_features, dtype=m.dtype) for p in linears}  # [1, 1, in]
+    for p in linears:  # warm-up: kernel choices made, kept copies (fbgemm's packing, int4's kernel order) built
+        p(rows[p.in_features])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for p in linears:
+            p(rows[p.in_features])
+        times.append(time.perf_counter() - t)
+    return sum(held_bytes(p) for p in linears) / statistics.median(times)
+
+
 def kernel_rates(models: dict, repeats: int = 30) -> dict[str, dict[str, float]]:
     """The bytes/s each variant's one-row product reads at decode: layer 0's gate_proj (8960 × 1536 at the 2B's
-    shape) and the vocabulary head (151 936 × 1536), median of `repeats` calls after a warm-up."""
+    shape) and the vocabulary head (151 936 × 1536), median of `repeats` calls after a warm-up (the weight read
+    again each call), and a whole token's products with every weight cold (`token_products_rate`)."""
     out = {}
     with torch.inference_mode():
         for name, m in models.items():
-            out[name] = {}
+            out[name] = {"token": token_products_rate(m)}
             for label, layer in (("gate_proj", m.model.layers[0].mlp.gate_proj), ("head", m.lm_head)):
                 x = torch.randn(1, layer.in_features, dtype=m.dtype)
-                held = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+                held = held_bytes(layer)
                 layer(x)
                 times = []
                 for _ in range(repeats):
@@ -154,8 +178,8 @@ def kernel_rates(models: dict, repeats: int = 30) -> dict[str, dict[str, float]]
                     layer(x)
                     times.append(time.perf_counter() - t)
                 out[name][label] = held / statistics.median(times)
-            print(f"one-row product, {name}: gate_proj {out[name]['gate_proj'] / 1e9:.1f} GB/s, head {out[name]['head'] / 1e9:.1f} GB/s",
-                  flush=True)
+            print(f"one-row product, {name}: gate_proj {out[name]['gate_proj'] / 1e9:.1f} GB/s, head {out[name]['head'] / 1e9:.1f} GB/s, "
+                  f"a token's products cold {out[name]['token'] / 1e9:.1f} GB/s", flush=True)
     return out
 
 
